@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Installs k15sys (editable) with its test extra on a fresh machine.
+#  - Debian packages listed in scripts/debian-packages.txt (the sandbox's bubblewrap), when apt-get
+#    is available and we are root; otherwise it says what is missing and goes on.
+#  - torch: an existing install is kept (GPU users keep theirs). Without one, a machine with no NVIDIA
+#    GPU gets the CPU build pinned below (set K15_TORCH_SPEC / K15_TORCH_INDEX to override).
+#  - then `pip install -e ".[test]"`, which builds the C++ extension k15sys._C with CMake + ninja.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+
+mapfile -t debs < <(grep -v '^\s*#' scripts/debian-packages.txt | grep -v '^\s*$' || true)
+missing=()
+for p in "${debs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+if [ ${#missing[@]} -gt 0 ]; then
+  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    echo "[install] Debian packages: ${missing[*]}"
+    (apt-get install -y --no-install-recommends "${missing[@]}" >/dev/null 2>&1) || \
+      { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq --no-install-recommends "${missing[@]}"; }
+  else
+    echo "[install] warning: missing Debian packages ${missing[*]} (need root + apt-get); the sandbox falls back to unshare(1)" >&2
+  fi
+fi
+
+if ! "$PY" -c "import torch" >/dev/null 2>&1; then
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    spec=${K15_TORCH_SPEC:-"torch>=2.4"}
+  else
+    spec=${K15_TORCH_SPEC:-"torch==2.13.0"}
+  fi
+  echo "[install] $spec"
+  if [ -n "${K15_TORCH_INDEX:-}" ]; then
+    "$PY" -m pip install -q "$spec" --index-url "$K15_TORCH_INDEX"
+  else
+    "$PY" -m pip install -q "$spec"
+  fi
+fi
+
+"$PY" -m pip install -q -e ".[test]"
+"$PY" -c "import k15sys._C, torch; print('[install] ok: k15sys._C built, torch', torch.__version__)"
