@@ -1,0 +1,174 @@
+"""fused_logprobs / fused_logprob_loss against a float64 reference, forward and backward, both backends.
+
+The Triton backend runs through Triton's CPU interpreter when there is no GPU (tiny shapes, fp32/fp16:
+the interpreter's bf16 arithmetic is wrong); the gpu-marked tests run the same checks on CUDA in bf16.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from k15sys.ops.logprobs import fused_logprob_loss, fused_logprobs
+
+IGNORE = -100
+
+
+def reference(hidden, weight, labels, temperature=1.0):
+    """float64 log-probs and entropy with plain autograd (materialises [T, V]; small shapes only)."""
+    z = (hidden.double() @ weight.double().T) / temperature
+    logp = torch.log_softmax(z, dim=-1)
+    valid = labels != IGNORE
+    safe = torch.where(valid, labels, 0).long()
+    lp = torch.where(valid, logp.gather(1, safe[:, None]).squeeze(1), 0.0)
+    ent = torch.where(valid, -(logp.exp() * logp).sum(-1), 0.0)
+    return lp, ent
+
+
+def make(T, H, V, dtype, device="cpu", scale=1.0, seed=0, ignore_frac=0.2):
+    g = torch.Generator().manual_seed(seed)
+    hidden = (torch.randn(T, H, generator=g) * scale).to(device=device, dtype=dtype)
+    weight = (torch.randn(V, H, generator=g) / H**0.5).to(device=device, dtype=dtype)
+    labels = torch.randint(0, V, (T,), generator=g)
+    labels[torch.rand(T, generator=g) < ignore_frac] = IGNORE
+    return hidden, weight, labels.to(device)
+
+
+def naive_same_dtype(hidden, weight, labels, temperature, g_lp, g_ent):
+    """Plain PyTorch in the input dtype (logits in that dtype, softmax in fp32): the bar for low precision."""
+    h = hidden.clone().requires_grad_()
+    w = weight.clone().requires_grad_()
+    z = (h @ w.T).float() / temperature
+    logp = torch.log_softmax(z, dim=-1)
+    valid = labels != IGNORE
+    lp = torch.where(valid, logp.gather(1, torch.where(valid, labels, 0)[:, None].long()).squeeze(1), 0.0)
+    ent = torch.where(valid, -(logp.exp() * logp).sum(-1), 0.0)
+    ((lp * g_lp).sum() + (ent * g_ent).sum()).backward()
+    return lp, ent, h.grad, w.grad
+
+
+def assert_close_or_2x_naive(ours, naive, ref, tol):
+    err = (ours.double() - ref).abs().max().item()
+    err_naive = (naive.double() - ref).abs().max().item()
+    assert err <= max(tol, 2 * err_naive), (err, err_naive)
+
+
+def check_against_reference(backend, T, H, V, dtype, temperature, chunk, tol, device="cpu", scale=1.0):
+    hidden, weight, labels = make(T, H, V, dtype, device, scale=scale, seed=T * 7 + V)
+    g = torch.Generator().manual_seed(1)
+    g_lp = torch.randn(T, generator=g).to(device)
+    g_ent = torch.randn(T, generator=g).to(device)
+
+    h1 = hidden.clone().requires_grad_()
+    w1 = weight.clone().requires_grad_()
+    lp, ent = fused_logprobs(h1, w1, labels, temperature=temperature, return_entropy=True, backend=backend, chunk=chunk)
+    ((lp * g_lp).sum() + (ent * g_ent).sum()).backward()
+
+    h0 = hidden.double().requires_grad_()
+    w0 = weight.double().requires_grad_()
+    lp0, ent0 = reference(h0, w0, labels, temperature)
+    ((lp0 * g_lp.double()).sum() + (ent0 * g_ent.double()).sum()).backward()
+
+    assert lp.dtype == torch.float32 and ent.dtype == torch.float32
+    if dtype == torch.float32:
+        torch.testing.assert_close(lp.double(), lp0, atol=tol, rtol=tol)
+        torch.testing.assert_close(ent.double(), ent0, atol=tol, rtol=tol)
+        torch.testing.assert_close(h1.grad.double(), h0.grad, atol=tol, rtol=tol)
+        torch.testing.assert_close(w1.grad.double(), w0.grad, atol=tol, rtol=tol)
+    else:  # low precision: within 2x of plain PyTorch's own error in the same dtype (FlashAttention's bar)
+        naive = naive_same_dtype(hidden, weight, labels, temperature, g_lp, g_ent)
+        for ours, nv, ref in zip((lp, ent, h1.grad, w1.grad), naive, (lp0, ent0, h0.grad, w0.grad)):
+            assert_close_or_2x_naive(ours, nv, ref, tol)
+    assert torch.all(lp[labels == IGNORE] == 0)
+    # ignored rows get no gradient
+    assert torch.all(h1.grad[labels == IGNORE] == 0)
+
+    # the fused loss yields the same gradient in one pass
+    h2 = hidden.clone().requires_grad_()
+    w2 = weight.clone().requires_grad_()
+    loss, lp2, ent2 = fused_logprob_loss(h2, w2, labels, g_lp, g_ent, temperature=temperature, backend=backend, chunk=chunk)
+    loss.backward()
+    torch.testing.assert_close(loss.double(), (lp.double() * g_lp.double()).sum() + (ent.double() * g_ent.double()).sum(),
+                               atol=1e-4 * T, rtol=1e-5)
+    torch.testing.assert_close(h2.grad.double(), h1.grad.double(), atol=tol, rtol=tol)
+    torch.testing.assert_close(w2.grad.double(), w1.grad.double(), atol=tol, rtol=tol)
+    torch.testing.assert_close(lp2, lp, atol=tol, rtol=tol)
+
+
+SHAPES = [  # (T, H, V, chunk): T=1, awkward sizes, several chunks, a V that spans several row blocks
+    (1, 24, 1013, None),
+    (37, 24, 1013, 16),
+    (5, 16, 33, 2),
+    (9, 8, 5000, 4),
+]
+
+
+@pytest.mark.parametrize("T,H,V,chunk", SHAPES)
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_torch_backend_fp32(T, H, V, chunk, temperature):
+    check_against_reference("torch", T, H, V, torch.float32, temperature, chunk, tol=2e-5)
+
+
+@pytest.mark.parametrize("T,H,V,chunk", SHAPES)
+def test_triton_interpreter_fp32(T, H, V, chunk):
+    if not torch.cuda.is_available():
+        import os
+
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            pytest.skip("needs TRITON_INTERPRET=1 (set by conftest)")
+    check_against_reference("triton", T, H, V, torch.float32, 0.7, chunk, tol=2e-5,
+                            device="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def test_triton_interpreter_fp16_and_large_logits():
+    # fp16 inputs; hidden scaled so logits reach ~+-60 (exp would overflow without the max shift)
+    check_against_reference("triton", 13, 32, 300, torch.float16, 1.0, 8, tol=1e-3, scale=12.0,
+                            device="cuda" if torch.cuda.is_available() else "cpu")
+    check_against_reference("torch", 13, 32, 300, torch.float16, 1.0, 8, tol=1e-3, scale=12.0)
+
+
+def test_bf16_torch_backend_within_twice_pytorch_error():
+    hidden, weight, labels = make(64, 32, 777, torch.bfloat16, seed=3)
+    lp0, _ = reference(hidden, weight, labels)
+    lp = fused_logprobs(hidden, weight, labels, backend="torch", chunk=16)
+    naive = torch.log_softmax((hidden @ weight.T).float(), -1)
+    valid = labels != IGNORE
+    naive_lp = torch.where(valid, naive.gather(1, torch.where(valid, labels, 0)[:, None]).squeeze(1), 0.0)
+    err = (lp.double() - lp0).abs().max()
+    err_naive = (naive_lp.double() - lp0).abs().max()
+    assert err <= 2 * err_naive + 1e-6
+
+
+def test_bad_input():
+    h, w, y = make(4, 8, 10, torch.float32)
+    with pytest.raises(ValueError, match="hidden"):
+        fused_logprobs(h[0], w, y)
+    with pytest.raises(ValueError, match="weight"):
+        fused_logprobs(h, w[:, :4], y)
+    with pytest.raises(ValueError, match="labels"):
+        fused_logprobs(h, w, y[:3])
+    with pytest.raises(ValueError, match="labels"):
+        fused_logprobs(h, w, torch.tensor([0, 1, 2, 10]))
+    with pytest.raises(ValueError, match="temperature"):
+        fused_logprobs(h, w, y, temperature=0.0)
+    with pytest.raises(ValueError, match="weight"):
+        fused_logprobs(h, w.double(), y)
+    with pytest.raises(ValueError, match="backend"):
+        fused_logprobs(h, w, y, backend="cuda")
+    with pytest.raises(ValueError, match="lp_coef"):
+        fused_logprob_loss(h, w, y, torch.ones(3))
+    with pytest.raises(ValueError, match="lp_coef"):
+        fused_logprob_loss(h, w, y, torch.tensor([1.0, float("nan"), 0.0, 0.0]))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T,H,V", [(1, 64, 1013), (300, 128, 32000), (1029, 256, 5001)])
+def test_gpu_bf16_matches_reference(T, H, V):
+    hidden, weight, labels = make(T, H, V, torch.bfloat16, device="cuda", seed=T)
+    lp0, ent0 = reference(hidden, weight, labels, 0.8)
+    lp, ent = fused_logprobs(hidden, weight, labels, temperature=0.8, return_entropy=True, backend="triton")
+    naive = torch.log_softmax((hidden @ weight.T).float() / 0.8, -1)
+    valid = labels != IGNORE
+    naive_lp = torch.where(valid, naive.gather(1, torch.where(valid, labels, 0)[:, None]).squeeze(1), 0.0)
+    assert (lp.double() - lp0).abs().max() <= 2 * (naive_lp.double() - lp0).abs().max() + 1e-5
+    assert (ent.double() - ent0).abs().max() < 5e-2
+    check_against_reference("triton", T, H, V, torch.float32, 0.8, 256, tol=5e-3, device="cuda")
