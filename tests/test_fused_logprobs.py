@@ -172,3 +172,15 @@ def test_gpu_bf16_matches_reference(T, H, V):
     assert (lp.double() - lp0).abs().max() <= 2 * (naive_lp.double() - lp0).abs().max() + 1e-5
     assert (ent.double() - ent0).abs().max() < 5e-2
     check_against_reference("triton", T, H, V, torch.float32, 0.8, 256, tol=5e-3, device="cuda")
+
+
+def test_fused_loss_scales_with_upstream_gradient():
+    h, w, y = make(6, 8, 50, torch.float32, seed=5)
+    coef = torch.randn(6)
+    grads = []
+    for scale in (1.0, 3.0):
+        hh = h.clone().requires_grad_()
+        loss, _, _ = fused_logprob_loss(hh, w, y, coef, backend="torch")
+        (scale * loss).backward()
+        grads.append(hh.grad)
+    torch.testing.assert_close(grads[1], 3.0 * grads[0])

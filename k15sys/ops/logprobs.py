@@ -28,7 +28,7 @@ import torch
 
 Backend = Literal["auto", "triton", "torch"]
 
-_DEFAULT_CHUNK_BYTES = 512 * 2**20  # budget for the [chunk, V] logits buffer
+_DEFAULT_CHUNK_BYTES = 640 * 2**20  # budget for the [chunk, V] logits buffer
 
 
 def _pick_backend(backend: str, device: torch.device) -> str:
@@ -199,7 +199,8 @@ def fused_logprobs(
         temperature: the sampling temperature of the rollout (divides the logits).
         return_entropy: also return the per-token entropy of the tempered distribution.
         backend: ``"auto"`` | ``"triton"`` | ``"torch"`` (see the module docstring).
-        chunk: rows per LM-head chunk; default from a 512 MiB logits budget.
+        chunk: rows per LM-head chunk; default: the largest power of two whose logits fit in 640 MiB.
+            Larger chunks mean fewer read-modify-writes of d weight (one per chunk).
 
     Returns:
         fp32 ``logprobs[T]`` (and fp32 ``entropy[T]``), differentiable w.r.t. ``hidden`` and ``weight``.
@@ -228,8 +229,9 @@ class _FusedLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_loss, _g_lp, _g_ent):
         dh, dw = ctx.saved_tensors
-        scale = g_loss.to(dh.dtype)
-        return (dh * scale if ctx.needs_input_grad[0] else None, dw * scale if ctx.needs_input_grad[1] else None,
+        if bool(g_loss != 1):  # the usual loss.backward() passes 1: hand out the saved gradients, no copy
+            dh, dw = dh * g_loss.to(dh.dtype), dw * g_loss.to(dw.dtype)
+        return (dh if ctx.needs_input_grad[0] else None, dw if ctx.needs_input_grad[1] else None,
                 None, None, None, None, None, None, None)
 
 
