@@ -1,0 +1,47 @@
+"""Resource limits and run statuses of the code sandbox (paper 2.6.4)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+
+class Status(str, Enum):
+    """How one sandboxed execution ended."""
+
+    OK = "OK"                        # exit code 0 within every limit
+    RUNTIME_ERROR = "RUNTIME_ERROR"  # non-zero exit or killed by a signal
+    TIMEOUT = "TIMEOUT"              # wall-clock or CPU-time limit
+    MEMORY = "MEMORY"                # address-space limit hit (MemoryError, std::bad_alloc)
+    OUTPUT_LIMIT = "OUTPUT_LIMIT"    # stdout + stderr exceeded the cap
+    COMPILE_ERROR = "COMPILE_ERROR"  # the compile step failed (C++)
+    INVALID = "INVALID"              # bad request: unknown language, empty program
+    SANDBOX_ERROR = "SANDBOX_ERROR"  # the sandbox itself could not run the program
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-execution limits; every one is enforced by the kernel (rlimits) or by the supervisor.
+
+    Attributes:
+        wall_s: wall-clock limit; the whole process tree is killed when it passes.
+        cpu_s: CPU-time limit (RLIMIT_CPU), per process.
+        memory_mb: address-space limit (RLIMIT_AS), per process.
+        max_procs: processes/threads of the sandbox user (RLIMIT_NPROC): stops fork bombs.
+        file_size_mb: largest file the program may write (RLIMIT_FSIZE).
+        open_files: file descriptors (RLIMIT_NOFILE).
+        output_bytes: stdout + stderr kept; more ends the run with OUTPUT_LIMIT.
+    """
+
+    wall_s: float = 5.0
+    cpu_s: int = 5
+    memory_mb: int = 1024
+    max_procs: int = 64
+    file_size_mb: int = 16
+    open_files: int = 64
+    output_bytes: int = 1 << 20
+
+    def __post_init__(self) -> None:
+        for name in ("wall_s", "cpu_s", "memory_mb", "max_procs", "file_size_mb", "open_files", "output_bytes"):
+            value = getattr(self, name)
+            if not value > 0:
+                raise ValueError(f"{name}: must be > 0, got {value!r}")
