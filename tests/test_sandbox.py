@@ -29,9 +29,15 @@ def sb():
         yield s
 
 
-def _nobody_processes() -> list[str]:
-    out = subprocess.run(["ps", "-u", str(NOBODY), "-o", "pid=,cmd="], capture_output=True, text=True).stdout
-    return [line for line in out.splitlines() if line.strip()]
+def _sandbox_processes() -> set[str]:
+    """Processes that could belong to a container: bubblewrap, or anything of uid nobody."""
+    out = subprocess.run(["ps", "-eo", "pid=,uid=,comm="], capture_output=True, text=True).stdout
+    procs = set()
+    for line in out.splitlines():
+        pid, uid, comm = line.split(None, 2)
+        if comm.strip() == "bwrap" or int(uid) == NOBODY:
+            procs.add(f"{pid} {uid} {comm.strip()}")
+    return procs
 
 
 def test_python_and_cpp_run(sb):
@@ -66,12 +72,13 @@ ADVERSARIAL = {
 @pytest.mark.parametrize("name", sorted(ADVERSARIAL))
 def test_adversarial_program_ends_cleanly(sb, name):
     program, expected = ADVERSARIAL[name]
+    before = _sandbox_processes()
     t0 = time.perf_counter()
     r = sb.run(program)
     assert r.status in expected, (r.status, r.stderr[-300:])
     assert time.perf_counter() - t0 < sb.limits.wall_s + 3.0
     time.sleep(0.2)
-    assert _nobody_processes() == [], "something was left running"
+    assert _sandbox_processes() - before == set(), "something was left running"
 
 
 def test_cannot_read_host_secrets_or_env(sb, monkeypatch):
