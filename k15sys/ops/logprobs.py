@@ -112,6 +112,11 @@ _ROWS = {"torch": _rows_torch, "triton": _rows_triton}
 
 
 # ------------------------------------------------------------------ chunk drivers
+def _logits_buffer(hidden: torch.Tensor, weight: torch.Tensor, chunk: int) -> torch.Tensor:
+    """The one [chunk, V] buffer every chunk's logits (then its gradient) are written into."""
+    return torch.empty(min(chunk, hidden.shape[0]), weight.shape[0], dtype=hidden.dtype, device=hidden.device)
+
+
 def _forward_stats(hidden, weight, labels, *, inv_temp, ignore_index, backend, chunk, grads=None):
     """Log-probs, entropy and lse of every row; with ``grads=(g_lp, g_ent)`` also d hidden / d weight."""
     T, V = hidden.shape[0], weight.shape[0]
@@ -124,10 +129,11 @@ def _forward_stats(hidden, weight, labels, *, inv_temp, ignore_index, backend, c
     if grads is not None:
         dh = torch.empty_like(hidden)
         dw = torch.zeros_like(weight)
+    buf = _logits_buffer(hidden, weight, chunk)
     for c0 in range(0, T, chunk):
         c1 = min(T, c0 + chunk)
         h = hidden[c0:c1]
-        logits = h @ weight.T
+        logits = torch.mm(h, weight.T, out=buf[: c1 - c0])
         g_lp = g_ent = None
         if grads is not None:
             g_lp = grads[0][c0:c1]
@@ -145,10 +151,11 @@ def _backward(hidden, weight, labels, lse, ent, g_lp, g_ent, *, inv_temp, ignore
     dh = torch.empty_like(hidden)
     dw = torch.zeros_like(weight)
     rows = _ROWS[backend]
+    buf = _logits_buffer(hidden, weight, chunk)
     for c0 in range(0, T, chunk):
         c1 = min(T, c0 + chunk)
         h = hidden[c0:c1]
-        logits = h @ weight.T
+        logits = torch.mm(h, weight.T, out=buf[: c1 - c0])
         rows(logits, labels[c0:c1], lse[c0:c1], ent[c0:c1], None, g_lp[c0:c1],
              None if g_ent is None else g_ent[c0:c1],
              inv_temp=inv_temp, ignore_index=ignore_index, stats=False, grad=True)
