@@ -1,1 +1,24 @@
-"""placeholder"""
+"""Rollout engines and partial rollouts with a replay buffer (paper 2.6.2).
+
+- :class:`SamplingParams`, :class:`Completion` -- the user-facing types
+- :class:`RolloutEngine` -- the protocol; :class:`TorchEngine` -- the transformers-based default
+- :class:`PartialRolloutScheduler`, :class:`ReplayBuffer`, :class:`Trajectory`, :class:`Group`
+"""
+from k15sys.rollout.engine import RolloutEngine
+from k15sys.rollout.partial import IterationStats, PartialRolloutScheduler
+from k15sys.rollout.replay_buffer import Group, ReplayBuffer, Segment, Trajectory
+from k15sys.rollout.torch_engine import TorchEngine
+from k15sys.rollout.types import Completion, SamplingParams
+
+__all__ = [
+    "Completion",
+    "Group",
+    "IterationStats",
+    "PartialRolloutScheduler",
+    "ReplayBuffer",
+    "RolloutEngine",
+    "SamplingParams",
+    "Segment",
+    "TorchEngine",
+    "Trajectory",
+]

@@ -1,0 +1,148 @@
+"""The default rollout engine: any transformers causal LM, batched sampling with a KV cache (paper 2.6.2).
+
+Works on the CPU (the main job and tests use it) and on a GPU. Prompts of a batch are left-padded;
+position ids follow the attention mask, so padding changes nothing. Each sequence stops on its own
+(a stop token, its token budget, or a repeat loop found by ``k15sys.algo.RepeatDetector``).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+
+from k15sys.algo.repeat import RepeatDetector
+from k15sys.rollout.types import Completion, SamplingParams
+
+
+def _filtered_logprobs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Log-probs of the sampling distribution: temperature, then top-k, then top-p (nucleus)."""
+    z = logits.float()
+    if params.temperature > 0:
+        z = z / params.temperature
+    if params.top_k > 0 and params.top_k < z.shape[-1]:
+        kth = torch.topk(z, params.top_k, dim=-1).values[..., -1:]
+        z = z.masked_fill(z < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_z, order = torch.sort(z, dim=-1, descending=True)
+        probs = torch.softmax(sorted_z, dim=-1)
+        drop = probs.cumsum(-1) - probs > params.top_p  # keep the smallest prefix with mass >= top_p
+        sorted_z = sorted_z.masked_fill(drop, float("-inf"))
+        z = torch.full_like(z, float("-inf")).scatter(-1, order, sorted_z)
+    return torch.log_softmax(z, dim=-1)
+
+
+class TorchEngine:
+    """Rollout engine over a transformers causal LM.
+
+    Args:
+        model: e.g. ``Qwen2ForCausalLM`` (any model whose forward takes input_ids, attention_mask,
+            position_ids, past_key_values, use_cache).
+        device: where generation runs.
+        pad_token_id: used for left padding (any id; padded positions are masked).
+        repeat_detector: factory of a detector per sequence (None disables repeat stops).
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        device: str | torch.device = "cpu",
+        *,
+        pad_token_id: int = 0,
+        repeat_detector: Callable[[], RepeatDetector] | None = RepeatDetector,
+    ) -> None:
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.pad_token_id = pad_token_id
+        self.repeat_detector = repeat_detector
+        self.weight_version = 0
+        self._asleep = False
+        self._vocab = model.get_output_embeddings().weight.shape[0]
+
+    # ------------------------------------------------------------------ generation
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
+        if self._asleep:
+            raise RuntimeError("generate: the engine is asleep; call wake() first")
+        if not prompts:
+            return []
+        for i, p in enumerate(prompts):
+            if len(p) == 0:
+                raise ValueError(f"prompts[{i}]: empty prompt")
+            bad = [t for t in p if not 0 <= t < self._vocab]
+            if bad:
+                raise ValueError(f"prompts[{i}]: token ids {bad[:5]} outside the vocabulary [0, {self._vocab})")
+        gen = None
+        if params.seed is not None:
+            gen = torch.Generator(device=self.device).manual_seed(params.seed)
+        B, L = len(prompts), max(len(p) for p in prompts)
+        ids = torch.full((B, L), self.pad_token_id, dtype=torch.long, device=self.device)
+        mask = torch.zeros((B, L), dtype=torch.long, device=self.device)
+        for i, p in enumerate(prompts):
+            ids[i, L - len(p):] = torch.tensor(p, device=self.device)
+            mask[i, L - len(p):] = 1
+        pos = (mask.cumsum(-1) - 1).clamp_min(0)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
+        past, logits = out.past_key_values, out.logits[:, -1]
+        tokens: list[list[int]] = [[] for _ in range(B)]
+        logps: list[list[float]] = [[] for _ in range(B)]
+        reasons: list[str | None] = [None] * B
+        detectors = [self.repeat_detector() if self.repeat_detector else None for _ in range(B)]
+        stops = set(params.stop_token_ids)
+        next_pos = pos[:, -1]
+        for step in range(params.max_new_tokens):
+            lp = _filtered_logprobs(logits, params)
+            if params.temperature == 0:
+                nxt = logits.argmax(-1)
+                lp = torch.log_softmax(logits.float(), -1)
+            else:
+                nxt = torch.multinomial(lp.exp(), 1, generator=gen).squeeze(-1)
+            chosen = lp.gather(-1, nxt[:, None]).squeeze(-1)
+            for i in range(B):
+                if reasons[i] is not None:
+                    continue
+                t = int(nxt[i])
+                tokens[i].append(t)
+                logps[i].append(float(chosen[i]))
+                if t in stops:
+                    reasons[i] = "stop"
+                elif detectors[i] is not None and detectors[i].push(t):
+                    reasons[i] = "repeat"
+            if all(r is not None for r in reasons) or step == params.max_new_tokens - 1:
+                break
+            nxt = torch.where(torch.tensor([r is None for r in reasons], device=self.device), nxt,
+                              torch.full_like(nxt, self.pad_token_id))
+            mask = torch.cat([mask, torch.ones((B, 1), dtype=mask.dtype, device=self.device)], dim=1)
+            next_pos = next_pos + 1
+            out = self.model(input_ids=nxt[:, None], attention_mask=mask, position_ids=next_pos[:, None],
+                             past_key_values=past, use_cache=True)
+            past, logits = out.past_key_values, out.logits[:, -1]
+        return [Completion(tokens[i], logps[i], reasons[i] or "length") for i in range(B)]
+
+    # ------------------------------------------------------------------ weights and memory
+    @torch.no_grad()
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy new values into the model's parameters/buffers by name (all-or-nothing)."""
+        own = dict(self.model.named_parameters())
+        own.update(dict(self.model.named_buffers()))
+        staged = []
+        for name, t in named_tensors:
+            if name not in own:
+                raise ValueError(f"update_weights: unknown tensor {name!r}")
+            if own[name].shape != t.shape:
+                raise ValueError(f"update_weights: {name} has shape {tuple(t.shape)}, expected {tuple(own[name].shape)}")
+            staged.append((own[name], t))
+        for dst, src in staged:  # validated first: nothing is half-applied on a bad update
+            dst.copy_(src.to(device=dst.device, dtype=dst.dtype))
+        self.weight_version += 1
+
+    def sleep(self) -> None:
+        """Free accelerator memory for a colocated trainer: weights move to the CPU (no-op on a CPU engine)."""
+        if self.device.type != "cpu":
+            self.model.to("cpu")
+            torch.cuda.empty_cache()
+        self._asleep = True
+
+    def wake(self) -> None:
+        if self.device.type != "cpu":
+            self.model.to(self.device)
+        self._asleep = False
