@@ -1,1 +1,9 @@
-"""placeholder"""
+"""Training layout <-> inference layout of the weights (paper 2.6.3).
+
+- :class:`ModelLayout` (``hf``, ``fsdp``, ``megatron``, ``vllm``) with ``shard`` / ``unshard``
+- :func:`plan_reshard` -> :class:`ReshardPlan` with ``execute`` / ``execute_into`` (C++ thread pool on the host)
+"""
+from k15sys.weights.layout import ModelLayout, hf_shapes
+from k15sys.weights.reshard import ReshardPlan, plan_reshard
+
+__all__ = ["ModelLayout", "ReshardPlan", "hf_shapes", "plan_reshard"]
