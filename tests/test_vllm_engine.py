@@ -31,7 +31,7 @@ def tiny_model_dir(tmp_path_factory):
 
 def test_vllm_greedy_matches_torch_and_takes_new_weights(tiny_model_dir):
     d, model = tiny_model_dir
-    eng = VLLMEngine(d, repeat_detector=None, dtype="float32", max_model_len=256)
+    eng = VLLMEngine(d, repeat_detector=None, dtype="float32", max_model_len=256, gpu_memory_utilization=0.1)
     ref = TorchEngine(model, repeat_detector=None)
     p = [[1, 2, 3, 4], [9, 8]]
     got = eng.generate(p, SamplingParams(16, temperature=0))
