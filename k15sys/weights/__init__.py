@@ -2,8 +2,10 @@
 
 - :class:`ModelLayout` (``hf``, ``fsdp``, ``megatron``, ``vllm``) with ``shard`` / ``unshard``
 - :func:`plan_reshard` -> :class:`ReshardPlan` with ``execute`` / ``execute_into`` (C++ thread pool on the host)
+- :class:`CheckpointEngine` -- versioned, bucketed, pipelined broadcast from a trainer rank to inference ranks
 """
+from k15sys.weights.checkpoint_engine import CheckpointEngine, WeightSyncError
 from k15sys.weights.layout import ModelLayout, hf_shapes
 from k15sys.weights.reshard import ReshardPlan, plan_reshard
 
-__all__ = ["ModelLayout", "ReshardPlan", "hf_shapes", "plan_reshard"]
+__all__ = ["CheckpointEngine", "ModelLayout", "ReshardPlan", "WeightSyncError", "hf_shapes", "plan_reshard"]

@@ -1,0 +1,155 @@
+"""Weight sync: CheckpointEngine end to end vs a raw broadcast of the same bytes, in one run (paper 2.6.3).
+
+Rank 0 (the trainer) holds ``--gb`` GB of bf16 weights as named tensors; every other rank (inference)
+receives them and copies them into its own preallocated weights (the load step). Runs on any number of
+GPUs (one process per GPU, NCCL), or with ``--quick`` on the CPU (2 gloo processes, small size).
+
+Measured, each the median of ``--reps`` runs after a warm-up:
+* ``raw_broadcast``: dist.broadcast of the same bytes in ``--bucket-gb`` buckets, nothing else;
+* ``engine_gpu``: CheckpointEngine.update from GPU-resident tensors (pack, broadcast, verify-free commit,
+  load into the receivers' weights);
+* ``h2d``: the pinned host -> GPU copy of the same bytes alone on rank 0;
+* ``engine_pinned``: CheckpointEngine.update from pinned host tensors (H2D overlapped with broadcast).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import socket
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from k15sys.weights import CheckpointEngine
+
+
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    dist.barrier()
+
+
+def _median_time(fn, reps: int, dev: torch.device) -> float:
+    fn()
+    ts = []
+    for _ in range(reps):
+        _sync(dev)
+        t0 = time.perf_counter()
+        fn()
+        _sync(dev)
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str) -> None:
+    cuda = not args.quick
+    dev = torch.device("cuda", rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(dev)
+    dist.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world, timeout=datetime.timedelta(seconds=300))
+    nbytes = int(args.gb * 2**30)
+    per = int(args.tensor_mb * 2**20) // 2
+    n = max(1, nbytes // (per * 2))
+    names = [f"w{i}" for i in range(n)]
+    bucket = int(args.bucket_gb * 2**30)
+    g = torch.Generator(device=dev).manual_seed(0)
+    if rank == 0:
+        gpu_w = {k: torch.randn(per, generator=g, device=dev).to(torch.bfloat16) for k in names}
+        host_w = {k: v.cpu().pin_memory() if cuda else v.clone() for k, v in gpu_w.items()}
+    dst = {k: torch.empty(per, dtype=torch.bfloat16, device=dev) for k in names} if rank else None
+
+    def load(named):
+        for k, t in named:
+            dst[k].copy_(t, non_blocking=True)
+
+    eng = CheckpointEngine(bucket_bytes=bucket, device=dev)
+    version = [0]
+
+    def engine_run(weights):
+        version[0] += 1
+        if rank == 0:
+            eng.update(version[0], named_tensors=weights)
+        else:
+            eng.update(version[0], load_fn=load)
+
+    raw = torch.empty(min(bucket, n * per * 2), dtype=torch.uint8, device=dev)
+    chunks = -(-n * per * 2 // raw.numel())
+
+    def raw_run():
+        works = [dist.broadcast(raw, src=0, async_op=True) for _ in range(chunks)]
+        for w in works:
+            w.wait()
+
+    res = {"raw_broadcast": _median_time(raw_run, args.reps, dev),
+           "engine_gpu": _median_time(lambda: engine_run(gpu_w if rank == 0 else None), args.reps, dev)}
+    ok = True
+    if rank:
+        # the last update delivered version N's bytes: compare a probe against what rank 0 generated
+        g2 = torch.Generator(device=dev).manual_seed(0)
+        ok = all(torch.equal(dst[k], torch.randn(per, generator=g2, device=dev).to(torch.bfloat16)) for k in names)
+    if cuda:
+        if rank == 0:
+            stage = torch.empty(n * per, dtype=torch.bfloat16, device=dev)
+
+            def h2d():
+                for i, k in enumerate(names):
+                    stage[i * per:(i + 1) * per].copy_(host_w[k], non_blocking=True)
+        else:
+            def h2d():
+                pass
+        res["h2d"] = _median_time(h2d, args.reps, dev)
+        res["engine_pinned"] = _median_time(lambda: engine_run(host_w if rank == 0 else None), args.reps, dev)
+    flags = [None] * world
+    dist.all_gather_object(flags, ok)
+    if rank == 0:
+        res = {k: v * 1e3 for k, v in res.items()}
+        result = {"bench": "weight_sync", "world_size": world, "bytes": n * per * 2, "bucket_bytes": bucket,
+                  "device": torch.cuda.get_device_name() if cuda else "cpu (gloo)",
+                  "nccl": ".".join(map(str, torch.cuda.nccl.version())) if cuda else None,
+                  "ms": res, "correct_on_all_receivers": all(flags),
+                  "engine_gpu_vs_raw": res["engine_gpu"] / res["raw_broadcast"]}
+        if cuda:
+            result["engine_pinned_vs_max_h2d_broadcast"] = res["engine_pinned"] / max(res["h2d"], res["raw_broadcast"])
+        Path(out).write_text(json.dumps(result))
+    dist.destroy_process_group()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--quick", action="store_true", help="2 gloo processes on the CPU, small size")
+    ap.add_argument("--gb", type=float, default=16.0)
+    ap.add_argument("--bucket-gb", type=float, default=1.0)
+    ap.add_argument("--tensor-mb", type=float, default=64.0)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--gpus", type=int, default=None)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    if args.quick:
+        args.gb, args.bucket_gb, args.tensor_mb, args.reps = 0.0625, 0.015625, 1.0, 3
+        world = 2
+    else:
+        world = args.gpus or torch.cuda.device_count()
+        if world < 2:
+            raise SystemExit("weight_sync needs >= 2 GPUs (or --quick for the CPU)")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    tmp = f"/tmp/k15_weight_sync_{os.getpid()}.json"
+    mp.spawn(worker, args=(world, port, args, tmp), nprocs=world, join=True)
+    result = json.loads(Path(tmp).read_text())
+    name = "cpu" if args.quick else f"{world}x{result['device'].replace(' ', '_')}"
+    path = args.out or f"bench/results/weight_sync_{name}.json"
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(result, indent=2))
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
