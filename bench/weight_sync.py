@@ -89,11 +89,19 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str)
 
     res = {"raw_broadcast": _median_time(raw_run, args.reps, dev),
            "engine_gpu": _median_time(lambda: engine_run(gpu_w if rank == 0 else None), args.reps, dev)}
-    ok = True
-    if rank:
-        # the last update delivered version N's bytes: compare a probe against what rank 0 generated
+    def delivered() -> bool:
+        """The receivers' weights equal what rank 0 generated (same seed, same device type)."""
+        if not rank:
+            return True
+        dst_ok = True
         g2 = torch.Generator(device=dev).manual_seed(0)
-        ok = all(torch.equal(dst[k], torch.randn(per, generator=g2, device=dev).to(torch.bfloat16)) for k in names)
+        for k in names:
+            want = torch.randn(per, generator=g2, device=dev).to(torch.bfloat16)
+            dst_ok &= torch.equal(dst[k], want)
+            dst[k].zero_()  # the next path must deliver again
+        return dst_ok
+
+    ok = delivered()
     if cuda:
         if rank == 0:
             stage = torch.empty(n * per, dtype=torch.bfloat16, device=dev)
@@ -106,6 +114,7 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str)
                 pass
         res["h2d"] = _median_time(h2d, args.reps, dev)
         res["engine_pinned"] = _median_time(lambda: engine_run(host_w if rank == 0 else None), args.reps, dev)
+        ok &= delivered()
     flags = [None] * world
     dist.all_gather_object(flags, ok)
     if rank == 0:

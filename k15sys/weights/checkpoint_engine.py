@@ -138,9 +138,11 @@ class CheckpointEngine:
             by_bucket.setdefault(e.bucket, []).append(e)
         first = next(iter(tensors.values()))
         host_src = self.device.type == "cuda" and first.device.type == "cpu"
+        # pinned host tensors go straight to the device bucket (async DMA); pageable ones through pinned staging
+        direct = host_src and all(t.is_pinned() and t.is_contiguous() for t in tensors.values())
         cap = max(sizes)
         ring = [torch.empty(cap, dtype=torch.uint8, device=self.device) for _ in range(2)] if not self.verify else []
-        pinned = [torch.empty(cap, dtype=torch.uint8, pin_memory=True) for _ in range(2)] if host_src else []
+        pinned = [torch.empty(cap, dtype=torch.uint8, pin_memory=True) for _ in range(2)] if host_src and not direct else []
         h2d_done: list[torch.cuda.Event | None] = [None, None]
         sent, works = [], []
         for i, size in enumerate(sizes):
@@ -152,15 +154,15 @@ class CheckpointEngine:
                     works[i - 2].wait()  # the ring slot's previous broadcast has finished (stream order)
                 buf = ring[i % 2][:size]
             stage = buf
-            if host_src:
+            if host_src and not direct:
                 ev = h2d_done[i % 2]
                 if ev is not None:
                     ev.synchronize()  # the pinned slot's previous H2D copy has finished (host order)
                 stage = pinned[i % 2][:size]
             for e in by_bucket.get(i, []):
                 t = tensors[e.name].detach().contiguous().reshape(-1).view(torch.uint8)
-                stage[e.offset : e.offset + e.nbytes].copy_(t)
-            if host_src:
+                stage[e.offset : e.offset + e.nbytes].copy_(t, non_blocking=direct)
+            if host_src and not direct:
                 buf.copy_(stage, non_blocking=True)
                 ev = torch.cuda.Event()
                 ev.record()
