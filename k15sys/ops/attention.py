@@ -4,17 +4,22 @@ k1.5 trains on packed batches of very different lengths; ``varlen_attention`` ta
 ``[T, heads, D]`` tensors plus ``cu_seqlens`` (cumulative sequence starts, int32 ``[B + 1]``) and never
 pads. GQA: ``Hq`` must be a multiple of ``Hkv``; query head h reads kv head ``h // (Hq // Hkv)``.
 
-Backends: ``"torch"`` runs each sequence through ``scaled_dot_product_attention`` (the reference, any
-device); ``"auto"`` picks it.
+Backends: ``"triton"`` runs the fused kernels of ``k15sys.kernels.varlen_attention`` (CUDA, or the CPU
+interpreter under ``TRITON_INTERPRET=1``); forward saves the log-sum-exp, backward recomputes the
+probabilities. ``"torch"`` runs each sequence through ``scaled_dot_product_attention`` (the reference, any
+device). ``"auto"`` picks triton on CUDA and torch elsewhere.
 """
 from __future__ import annotations
 
+import math
+import os
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
-Backend = Literal["auto", "torch"]
+Backend = Literal["auto", "triton", "torch"]
+_LOG2E = 1.4426950408889634
 
 
 def _validate(q, k, v, cu_seqlens, max_seqlen) -> None:
@@ -53,6 +58,69 @@ def _torch_varlen(q, k, v, cu_seqlens, causal, scale):
     return torch.cat(outs, dim=0) if outs else q.new_empty(q.shape)
 
 
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per head dim on CUDA; bench/attention.py --sweep retunes them
+FWD_CONFIG: dict[int, tuple[int, int, int, int]] = {128: (128, 64, 8, 3), 64: (128, 64, 4, 3)}
+BWD_CONFIG: dict[int, tuple[int, int, int, int]] = {128: (64, 64, 8, 2), 64: (64, 64, 4, 2)}
+_INTERPRETER_CONFIG = (16, 16, 4, 1)
+
+
+def _config(table: dict[int, tuple[int, int, int, int]], q: torch.Tensor) -> tuple[int, int, int, int]:
+    if q.device.type != "cuda":
+        return _INTERPRETER_CONFIG
+    return table.get(q.shape[-1], table[64])
+
+
+class _VarlenAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, cu, max_seqlen, causal, scale):
+        from k15sys.kernels.varlen_attention import _fwd_kernel
+
+        T, HQ, D = q.shape
+        group = HQ // k.shape[1]
+        o = torch.empty_like(q)
+        lse = torch.empty(T, HQ, dtype=torch.float32, device=q.device)
+        bm, bn, warps, stages = _config(FWD_CONFIG, q)
+        grid = (triton_cdiv(max_seqlen, bm), (cu.numel() - 1) * HQ)
+        _fwd_kernel[grid](q, k, v, o, lse, cu, scale * _LOG2E, HQ, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+                          v.stride(0), v.stride(1), o.stride(0), o.stride(1), GROUP=group, CAUSAL=causal,
+                          BLOCK_M=bm, BLOCK_N=bn, D=D, num_warps=warps, num_stages=stages)
+        ctx.save_for_backward(q, k, v, o, lse, cu)
+        ctx.cfg = (max_seqlen, causal, scale)
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        from k15sys.kernels.varlen_attention import _bwd_dkdv_kernel, _bwd_dq_kernel, _bwd_pre_kernel
+
+        q, k, v, o, lse, cu = ctx.saved_tensors
+        max_seqlen, causal, scale = ctx.cfg
+        do = do.contiguous()
+        T, HQ, D = q.shape
+        HKV = k.shape[1]
+        group = HQ // HKV
+        delta = torch.empty(T, HQ, dtype=torch.float32, device=q.device)
+        pre = 64 if q.device.type == "cuda" else 16
+        _bwd_pre_kernel[(triton_cdiv(T * HQ, pre),)](o, do, delta, T, HQ, o.stride(0), o.stride(1), BLOCK=pre, D=D)
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        bm, bn, warps, stages = _config(BWD_CONFIG, q)
+        nb = cu.numel() - 1
+        _bwd_dkdv_kernel[(triton_cdiv(max_seqlen, bn), nb * HKV)](
+            q, k, v, do, lse, delta, dk, dv, cu, scale * _LOG2E, scale, HQ, HKV,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
+            dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
+            GROUP=group, CAUSAL=causal, BLOCK_M=bm, BLOCK_N=bn, D=D, num_warps=warps, num_stages=stages)
+        _bwd_dq_kernel[(triton_cdiv(max_seqlen, bm), nb * HQ)](
+            q, k, v, do, lse, delta, dq, cu, scale * _LOG2E, scale, HQ,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
+            dq.stride(0), dq.stride(1),
+            GROUP=group, CAUSAL=causal, BLOCK_M=bm, BLOCK_N=bn, D=D, num_warps=warps, num_stages=stages)
+        return dq, dk, dv, None, None, None, None
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 def varlen_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -72,13 +140,23 @@ def varlen_attention(
         max_seqlen: the longest sequence length (an upper bound is fine).
         causal: causal mask inside each sequence.
         softmax_scale: default 1/sqrt(D).
-        backend: ``"auto"`` | ``"torch"``.
+        backend: ``"auto"`` | ``"triton"`` | ``"torch"``.
 
     Returns:
         [T, Hq, D] in q's dtype; differentiable w.r.t. q, k and v.
     """
     _validate(q, k, v, cu_seqlens, max_seqlen)
-    if backend not in ("auto", "torch"):
-        raise ValueError(f"backend: expected 'auto' or 'torch', got {backend!r}")
+    if backend not in ("auto", "triton", "torch"):
+        raise ValueError(f"backend: expected 'auto', 'triton' or 'torch', got {backend!r}")
     scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
-    return _torch_varlen(q, k, v, cu_seqlens, causal, scale)
+    if backend == "auto":
+        backend = "triton" if q.device.type == "cuda" else "torch"
+    if backend == "torch":
+        return _torch_varlen(q, k, v, cu_seqlens, causal, scale)
+    if q.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("backend: 'triton' needs CUDA tensors, or TRITON_INTERPRET=1 for the CPU interpreter")
+    D = q.shape[-1]
+    if D not in (16, 32, 64, 128) or D != 2 ** int(math.log2(D)):
+        raise ValueError(f"q: head dim {D} is not supported by the triton backend (use 64 or 128, or backend='torch')")
+    cu = cu_seqlens.to(device=q.device, dtype=torch.int32).contiguous()
+    return _VarlenAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), cu, int(max_seqlen), causal, scale)

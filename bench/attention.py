@@ -1,0 +1,178 @@
+"""Causal varlen attention: k15sys Triton kernel vs torch SDPA (FlashAttention-2 backend, cuDNN backend).
+
+Shapes (issue 4): causal, bf16, D=128, 16 heads, S in {8192 x 8, 32768 x 2, 131072 x 1}; TFLOP/s counted as
+4*S^2*H*D/2 per sequence for the forward and 3.5x that for forward+backward. Plus a packed long-tail batch
+(64k tokens, lognormal lengths between 500 and 32k) against running SDPA once per sequence. All in one run
+on the same inputs. ``--quick`` runs tiny CPU shapes (torch backend vs SDPA math) to exercise the script.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from k15sys.ops.attention import varlen_attention
+
+
+def bench(fn, reps: int) -> float:
+    for _ in range(2):
+        fn()
+    cuda = torch.cuda.is_available()
+    ts = []
+    for _ in range(reps):
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts) * 1e3
+
+
+def sdpa_fn(q4, k4, v4, backend, grad):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    be = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}[backend]
+
+    def run():
+        with sdpa_kernel(be):
+            o = F.scaled_dot_product_attention(q4, k4, v4, is_causal=True)
+        if grad:
+            o.backward(torch.ones_like(o))
+    return run
+
+
+def ours_fn(q, k, v, cu, maxlen, grad, backend):
+    def run():
+        o = varlen_attention(q, k, v, cu, maxlen, backend=backend)
+        if grad:
+            o.backward(torch.ones_like(o))
+    return run
+
+
+def uniform_case(B, S, H, D, dev, dtype, peers, backend, reps):
+    g = torch.Generator(device="cpu").manual_seed(S)
+    q4, k4, v4 = (torch.randn(B, H, S, D, generator=g).to(dev, dtype) for _ in range(3))
+    packed = [x.transpose(1, 2).reshape(B * S, H, D).contiguous() for x in (q4, k4, v4)]
+    cu = torch.arange(0, (B + 1) * S, S, dtype=torch.int32, device=dev)
+    flops_f = B * 4 * S * S * H * D / 2
+    row = {"B": B, "S": S}
+    for grad in (False, True):
+        tag = "fwd_bwd" if grad else "fwd"
+        flops = flops_f * (3.5 if grad else 1.0)
+        ins = [x.detach().requires_grad_(grad) for x in packed]
+        ms = bench(ours_fn(*ins, cu, S, grad, backend), reps)
+        row[f"k15_{tag}_ms"], row[f"k15_{tag}_tflops"] = ms, flops / ms / 1e9
+        for p in peers:
+            ins4 = [x.detach().requires_grad_(grad) for x in (q4, k4, v4)]
+            try:
+                ms_p = bench(sdpa_fn(*ins4, p, grad), reps)
+                row[f"{p}_{tag}_ms"], row[f"{p}_{tag}_tflops"] = ms_p, flops / ms_p / 1e9
+                row[f"speedup_vs_{p}_{tag}"] = ms_p / ms
+            except RuntimeError as e:
+                row[f"{p}_{tag}_error"] = str(e)[:200]
+    # same output as the peer (forward), bf16 relative error
+    with torch.no_grad():
+        o = varlen_attention(*packed, cu, S, backend=backend).float()
+        ref = F.scaled_dot_product_attention(q4, k4, v4, is_causal=True).transpose(1, 2).reshape(B * S, H, D).float()
+        row["rel_err_vs_sdpa"] = ((o - ref).norm() / ref.norm()).item()
+    return row
+
+
+def packed_case(total, H, D, dev, dtype, backend, reps, lo, hi):
+    rng = np.random.default_rng(0)
+    lens = []
+    while sum(lens) < total:
+        lens.append(int(np.clip(rng.lognormal(np.log(3000), 1.0), lo, hi)))
+    lens[-1] -= sum(lens) - total
+    lens = [L for L in lens if L > 0]
+    T = sum(lens)
+    g = torch.Generator(device="cpu").manual_seed(1)
+    q, k, v = (torch.randn(T, H, D, generator=g).to(dev, dtype).requires_grad_() for _ in range(3))
+    cu = torch.tensor([0] + np.cumsum(lens).tolist(), dtype=torch.int32, device=dev)
+
+    def per_seq():
+        outs = []
+        for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
+            o = F.scaled_dot_product_attention(*(x[a:b].transpose(0, 1)[None] for x in (q, k, v)), is_causal=True)
+            outs.append(o[0].transpose(0, 1))
+        torch.cat(outs).backward(torch.ones(T, H, D, device=dev, dtype=dtype))
+
+    ours = bench(ours_fn(q, k, v, cu, max(lens), True, backend), reps)
+    peer = bench(per_seq, reps)
+    return {"tokens": T, "sequences": len(lens), "max_len": max(lens), "k15_fwd_bwd_ms": ours,
+            "sdpa_per_sequence_fwd_bwd_ms": peer, "speedup": peer / ours}
+
+
+def sweep(dev, dtype) -> dict:
+    """Try block configurations at S=32768 x 2 (D=128) and install the fastest forward / backward ones."""
+    from k15sys.ops import attention as A
+
+    B, S, H, D = 2, 32768, 16, 128
+    g = torch.Generator(device="cpu").manual_seed(0)
+    q, k, v = (torch.randn(B * S, H, D, generator=g).to(dev, dtype) for _ in range(3))
+    cu = torch.arange(0, (B + 1) * S, S, dtype=torch.int32, device=dev)
+    fwd_cfgs = [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 4), (128, 128, 8, 2)]
+    bwd_cfgs = [(64, 64, 8, 2), (64, 64, 4, 2), (64, 128, 8, 2), (128, 64, 8, 2), (32, 64, 4, 2), (64, 64, 4, 3),
+                (32, 128, 8, 2)]
+    out = {"fwd": {}, "bwd": {}}
+    for c in fwd_cfgs:
+        A.FWD_CONFIG[D] = c
+        try:
+            out["fwd"][str(c)] = bench(ours_fn(q, k, v, cu, S, False, "triton"), 3)
+        except Exception as e:  # a config that does not compile (shared memory) is skipped
+            out["fwd"][str(c)] = f"{type(e).__name__}"
+    best_f = min((c for c in fwd_cfgs if isinstance(out["fwd"][str(c)], float)), key=lambda c: out["fwd"][str(c)])
+    A.FWD_CONFIG[D] = best_f
+    qg, kg, vg = (x.detach().requires_grad_() for x in (q, k, v))
+    for c in bwd_cfgs:
+        A.BWD_CONFIG[D] = c
+        try:
+            out["bwd"][str(c)] = bench(ours_fn(qg, kg, vg, cu, S, True, "triton"), 3)
+        except Exception as e:
+            out["bwd"][str(c)] = f"{type(e).__name__}"
+    best_b = min((c for c in bwd_cfgs if isinstance(out["bwd"][str(c)], float)), key=lambda c: out["bwd"][str(c)])
+    A.BWD_CONFIG[D] = best_b
+    out["chosen"] = {"fwd": best_f, "bwd": best_b}
+    print(json.dumps(out), flush=True)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--sweep", action="store_true", help="GPU: pick block sizes first (printed and recorded)")
+    args = ap.parse_args()
+    if args.quick or not torch.cuda.is_available():
+        dev, dtype, backend, peers, reps = "cpu", torch.float32, "torch", ["math"], 2
+        cases = [(2, 256, 4, 64)]
+        packed = (4096, 4, 64, 100, 1024)
+        name = "cpu"
+    else:
+        dev, dtype, backend, peers, reps = "cuda", torch.bfloat16, "triton", ["flash", "cudnn"], 5
+        cases = [(8, 8192, 16, 128), (2, 32768, 16, 128), (1, 131072, 16, 128)]
+        packed = (65536, 16, 128, 500, 32768)
+        name = torch.cuda.get_device_name().replace(" ", "_")
+    tuned = sweep(dev, dtype) if args.sweep and dev == "cuda" else None
+    rows = []
+    for B, S, H, D in cases:
+        rows.append(uniform_case(B, S, H, D, dev, dtype, peers, backend, reps))
+        print(json.dumps(rows[-1]), flush=True)
+    result = {"bench": "attention", "device": name, "torch": torch.__version__, "sweep": tuned, "cases": rows,
+              "packed_long_tail": packed_case(*packed[:3], dev, dtype, backend, reps, *packed[3:])}
+    path = args.out or f"bench/results/attention_{name}.json"
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(result, indent=2))
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
