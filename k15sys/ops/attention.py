@@ -59,8 +59,8 @@ def _torch_varlen(q, k, v, cu_seqlens, causal, scale):
 
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per head dim on CUDA; bench/attention.py --sweep retunes them
-FWD_CONFIG: dict[int, tuple[int, int, int, int]] = {128: (128, 64, 8, 3), 64: (128, 64, 4, 3)}
-BWD_CONFIG: dict[int, tuple[int, int, int, int]] = {128: (64, 64, 8, 2), 64: (64, 64, 4, 2)}
+FWD_CONFIG: dict[int, tuple[int, int, int, int]] = {128: (128, 128, 8, 3), 64: (128, 64, 4, 3)}
+BWD_CONFIG: dict[int, tuple[int, int, int, int]] = {128: (64, 64, 4, 2), 64: (64, 64, 4, 2)}
 _INTERPRETER_CONFIG = (16, 16, 4, 1)
 
 
