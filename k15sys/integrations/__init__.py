@@ -1,0 +1,1 @@
+"""Adapters that plug k15sys kernels into other libraries (transformers)."""
