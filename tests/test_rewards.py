@@ -44,7 +44,10 @@ def test_custom_pattern_and_last_number_fallback():
     assert math_reward("\\boxed{3}", "4") == 0.0
 
 
-@pytest.mark.parametrize("garbage", [None, 3, "", "\\boxed{}", "}}}{{{", "\\frac{", "$$$$", "x" * 10000, "\x00\xff"])
+GARBAGE = [None, 3, "", "\\boxed{}", "}}}{{{", "\\frac{", "$$$$", "x" * 10000, "\x00\xff"]
+
+
+@pytest.mark.parametrize("garbage", GARBAGE, ids=[f"garbage{i}" for i in range(len(GARBAGE))])
 def test_garbage_never_raises(garbage):
     assert math_reward(garbage, "1") == 0.0
     assert math_equal(garbage, "1") is False
