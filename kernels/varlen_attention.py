@@ -14,6 +14,17 @@ import triton.language as tl
 
 
 @triton.jit
+def _softmax_step(s, v, m_i, l_i, acc):
+    """One key block of the online softmax: rescale the running sums to the new row max, add p @ v."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    p = tl.exp2(s - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _fwd_kernel(Q, K, V, O, LSE, CU, scale_log2, HQ, s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_ot, s_oh,
                 GROUP: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 D: tl.constexpr):
@@ -44,12 +55,7 @@ def _fwd_kernel(Q, K, V, O, LSE, CU, scale_log2, HQ, s_qt, s_qh, s_kt, s_kh, s_v
             kt = tl.load(K + col[None, :] * s_kt + kvh * s_kh + offs_d[:, None])
             v = tl.load(V + col[:, None] * s_vt + kvh * s_vh + offs_d[None, :])
             s = tl.dot(q, kt).to(tl.float32) * scale_log2
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            p = tl.exp2(s - m_new[:, None])
-            alpha = tl.exp2(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
-            m_i = m_new
+            m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc)
         for n0 in range(full, hi, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             col = (start + offs_n).to(tl.int64)
@@ -60,12 +66,7 @@ def _fwd_kernel(Q, K, V, O, LSE, CU, scale_log2, HQ, s_qt, s_qh, s_kt, s_kh, s_v
             if CAUSAL:
                 valid = valid & (offs_m[:, None] >= offs_n[None, :])
             s = tl.where(valid, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            p = tl.exp2(s - m_new[:, None])
-            alpha = tl.exp2(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
-            m_i = m_new
+            m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc)
         out = acc / l_i[:, None]
         tl.store(O + row[:, None] * s_ot + h * s_oh + offs_d[None, :], out.to(O.dtype.element_ty),
                  mask=offs_m[:, None] < L)
