@@ -123,3 +123,34 @@ def test_dead_receiver_is_a_clear_error_on_live_ranks(tmp_path):
         assert "weight version 2 failed" in log["errors"][0]["msg"]
         assert log["errors"][0]["seconds"] < 30
     assert len(logs[1]["applied"]) == 1
+
+
+def _ipc_worker(rank: int, port: int, out_dir: str) -> None:
+    torch.cuda.set_device(0)  # both processes on the same GPU: the colocated case
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=30))
+    eng = CheckpointEngine(device="cpu", colocated=True)
+    got = {}
+    if rank == 0:
+        src = {k: v.cuda() for k, v in _tensors(3).items()}
+        eng.update(1, named_tensors=src)
+    else:
+        eng.update(1, load_fn=lambda named: got.update({n: t.clone().cpu() for n, t in named}))
+        want = _tensors(3)
+        ok = got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+        with open(os.path.join(out_dir, "ipc.json"), "w") as f:
+            json.dump({"exact": ok, "version": eng.version}, f)
+    dist.destroy_process_group()
+
+
+@pytest.mark.gpu
+def test_colocated_cuda_ipc(tmp_path):
+    ctx = mp.get_context("spawn")
+    port = _free_port()
+    procs = [ctx.Process(target=_ipc_worker, args=(r, port, str(tmp_path))) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert all(p.exitcode == 0 for p in procs)
+    assert json.loads((tmp_path / "ipc.json").read_text()) == {"exact": True, "version": 1}

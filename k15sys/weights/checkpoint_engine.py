@@ -9,7 +9,10 @@ One call per weight version, on every rank of a ``torch.distributed`` group (NCC
   model's ``load_weights`` or ``TorchEngine.update_weights``). So a receiver applies a whole version or
   keeps the old one;
 * any failure (a dead peer, a timeout, a bad checksum) raises :class:`WeightSyncError` on every live
-  rank, within the group's timeout, with nothing applied.
+  rank, within the group's timeout, with nothing applied;
+* colocated mode (``colocated=True``, trainer and engine processes on the same GPU): no bytes move; the
+  source sends CUDA IPC handles of its tensors and receivers hand zero-copy views of them to ``load_fn``.
+  The source waits until every receiver has loaded before it returns (its memory must stay untouched).
 """
 from __future__ import annotations
 
@@ -66,10 +69,12 @@ class CheckpointEngine:
         bucket_bytes: bucket size.
         device: where buckets travel (``cuda`` for NCCL, ``cpu`` for gloo); default from the backend.
         verify: compute and check a checksum per bucket.
+        colocated: share CUDA IPC handles instead of copying (source tensors must be on a CUDA device
+            that the receivers can open, i.e. the same GPU or peer-accessible ones).
     """
 
     def __init__(self, group: dist.ProcessGroup | None = None, *, src: int = 0, bucket_bytes: int = 256 << 20,
-                 device: str | torch.device | None = None, verify: bool = False) -> None:
+                 device: str | torch.device | None = None, verify: bool = False, colocated: bool = False) -> None:
         if not dist.is_initialized():
             raise ValueError("group: torch.distributed is not initialised (call init_process_group first)")
         if bucket_bytes < 1 << 10:
@@ -81,6 +86,7 @@ class CheckpointEngine:
         backend = dist.get_backend(group)
         self.device = torch.device(device if device is not None else ("cuda" if backend == "nccl" else "cpu"))
         self.rank = dist.get_rank()
+        self.colocated = colocated
         self.version = -1  # last version applied on this rank
 
     # ------------------------------------------------------------------ one version
@@ -98,6 +104,8 @@ class CheckpointEngine:
             raise ValueError("load_fn: a receiving rank must pass a load function")
         if version <= self.version:
             raise ValueError(f"version: {version} is not newer than the applied version {self.version}")
+        if self.colocated:
+            return self._update_ipc(version, named_tensors, load_fn)
         stage = "header"
         try:
             header = [None]
@@ -127,6 +135,46 @@ class CheckpointEngine:
             raise WeightSyncError(f"weight version {version}: checksum mismatch on some rank; nothing applied")
         if not is_src:
             load_fn(self._unpack(entries, buckets))  # type: ignore[misc]
+        self.version = version
+        return version
+
+    def _update_ipc(self, version: int, named_tensors: dict[str, torch.Tensor] | None, load_fn: LoadFn | None) -> int:
+        from torch.multiprocessing.reductions import reduce_tensor
+
+        is_src = self.rank == self.src
+        stage = "handles"
+        try:
+            msg: list = [None]
+            if is_src:
+                for name, t in named_tensors.items():  # type: ignore[union-attr]
+                    if not t.is_cuda:
+                        raise ValueError(f"named_tensors: colocated mode needs CUDA tensors, {name!r} is on {t.device}")
+                msg = [(version, [(n, reduce_tensor(t.detach())) for n, t in named_tensors.items()])]  # type: ignore[union-attr]
+            dist.broadcast_object_list(msg, src=self.src, group=self.group)
+            v, handles = msg[0]
+            if v != version:
+                raise WeightSyncError(f"version mismatch: source sends {v}, this rank expects {version}")
+            named = None
+            ok = True
+            if not is_src:
+                try:
+                    named = [(n, fn(*args)) for n, (fn, args) in handles]
+                except Exception:  # a handle that cannot be opened here: vote no
+                    ok = False
+            stage = "commit"
+            vote = torch.tensor([1 if ok else 0], dtype=torch.int32, device=self.device)
+            dist.all_reduce(vote, op=dist.ReduceOp.MIN, group=self.group)
+            if int(vote.item()) != 1:
+                raise WeightSyncError(f"weight version {version}: a receiver could not open the CUDA IPC handles")
+            stage = "load"
+            if named is not None:
+                load_fn(named)  # type: ignore[misc]
+                torch.cuda.synchronize()
+            dist.barrier(group=self.group)  # the source's memory may change only after every receiver loaded
+        except (WeightSyncError, ValueError):
+            raise
+        except Exception as e:
+            raise WeightSyncError(f"weight version {version} failed during {stage}: {type(e).__name__}: {e}") from e
         self.version = version
         return version
 
