@@ -119,8 +119,12 @@ def _check_tp(kind: str, tp: int, d: dict[str, int], vocab_multiple: int) -> Non
         raise ValueError(f"tp: megatron tensor parallel {tp} does not divide num_key_value_heads={d['nkv']}")
     if kind == "vllm" and tp > d["nkv"] and tp % d["nkv"]:
         raise ValueError(f"tp: vllm tensor parallel {tp} is not a multiple of num_key_value_heads={d['nkv']}")
-    if vocab_multiple % tp:
-        raise ValueError(f"tp: {tp} does not divide the padded vocabulary multiple {vocab_multiple}")
+    if kind == "vllm" and tp <= d["nkv"] and d["nkv"] % tp:
+        raise ValueError(f"tp: vllm tensor parallel {tp} does not divide num_key_value_heads={d['nkv']}")
+    padded = _pad(d["V"], vocab_multiple)
+    if padded % tp:
+        raise ValueError(f"tp: {kind} tensor parallel {tp} does not divide the padded vocabulary {padded} "
+                         f"(vocab_size={d['V']} padded to a multiple of {vocab_multiple})")
 
 
 def _pad(v: int, multiple: int) -> int:
