@@ -140,7 +140,7 @@ def test_repeat_detector_basic() -> None:
     assert fired[-1] and det.period == 2 and det.detected
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=300, deadline=None)
 @given(
     prefix=st.lists(st.integers(0, 5), max_size=30),
     block=st.lists(st.integers(0, 5), min_size=1, max_size=6),

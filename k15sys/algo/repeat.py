@@ -4,13 +4,14 @@ Partial rollouts end degenerate trajectories early: when the tail of a generated
 loop (a block of p tokens repeated over and over), the generator stops and the trajectory gets a
 penalty. ``RepeatDetector`` watches one stream token by token.
 
-Algorithm (amortised O(1) per token, O(1) extra work per candidate switch): the detector keeps one
-candidate period p and ``run``, the number of trailing positions i with ``tok[i] == tok[i - p]``.
-A matching token extends the run; a mismatch drops the candidate, and the next candidate is the
-distance to the previous occurrence of the last ``key_len`` tokens (a dict lookup), whose run is known
-to be at least ``key_len``. The tail ``run + p`` tokens are then periodic with period p, and a loop is
-reported when ``run + p >= max(min_repeats * p, min_span)``. Runs are lower bounds, so the detector
-may fire a few tokens late but never reports a loop that is not there.
+Algorithm (O(candidates) = O(1) per token): the detector keeps a small set of candidate periods p, each with
+``run``, the number of trailing positions i with ``tok[i] == tok[i - p]``. A matching token extends a run,
+a mismatch drops that candidate. New candidates come from the last ``max_candidates`` earlier occurrences
+of the last ``key_len`` tokens (a dict lookup); their run is known to be at least ``key_len``. The tail
+``run + p`` tokens are periodic with period p, and a loop is reported when
+``run + p >= max(min_repeats * p, min_span)``. Runs are lower bounds, so the detector may fire a few tokens
+late but never reports a loop that is not there; a loop of period p is always found as long as the key
+occurs at most ``max_candidates - 1`` times inside one block of the loop.
 """
 from __future__ import annotations
 
@@ -41,7 +42,8 @@ class RepeatDetector:
         key_len: tokens used to find a candidate period (>= 1).
     """
 
-    def __init__(self, min_repeats: int = 4, min_span: int = 32, max_period: int = 512, key_len: int = 4) -> None:
+    def __init__(self, min_repeats: int = 4, min_span: int = 32, max_period: int = 512, key_len: int = 4,
+                 max_candidates: int = 16) -> None:
         if min_repeats < 2:
             raise ValueError(f"min_repeats: must be >= 2, got {min_repeats!r}")
         if min_span < 1:
@@ -50,17 +52,19 @@ class RepeatDetector:
             raise ValueError(f"max_period: must be >= 1, got {max_period!r}")
         if key_len < 1:
             raise ValueError(f"key_len: must be >= 1, got {key_len!r}")
+        if max_candidates < 1:
+            raise ValueError(f"max_candidates: must be >= 1, got {max_candidates!r}")
         self.min_repeats = min_repeats
         self.min_span = min_span
         self.max_period = max_period
         self.key_len = key_len
+        self.max_candidates = max_candidates
         self.reset()
 
     def reset(self) -> None:
         self._tokens: list[int] = []
-        self._last_seen: dict[tuple[int, ...], int] = {}
-        self._period = 0
-        self._run = 0
+        self._seen: dict[tuple[int, ...], list[int]] = {}  # key -> its last positions (newest last)
+        self._runs: dict[int, int] = {}  # candidate period -> run
         self.match: RepeatMatch | None = None
 
     @property
@@ -73,27 +77,25 @@ class RepeatDetector:
 
     def push(self, token: int) -> bool:
         """Append one token; True once a loop has been detected (it stays True until :meth:`reset`)."""
-        if self.match is not None:
-            self._tokens.append(int(token))
-            return True
         toks = self._tokens
         toks.append(int(token))
+        if self.match is not None:
+            return True
         i = len(toks) - 1
-        p = self._period
-        if p and toks[i] == toks[i - p]:
-            self._run += 1
-        else:
-            self._period, self._run = 0, 0
+        self._runs = {p: r + 1 for p, r in self._runs.items() if toks[i] == toks[i - p]}
         if i + 1 >= self.key_len:
             key = tuple(toks[i + 1 - self.key_len :])
-            prev = self._last_seen.get(key)
-            self._last_seen[key] = i
-            if not self._period and prev is not None and i - prev <= self.max_period:
-                self._period, self._run = i - prev, self.key_len
-        p = self._period
-        if p and self._run + p >= max(self.min_repeats * p, self.min_span):
-            self.match = RepeatMatch(period=p, span=self._run + p, end=i + 1)
-            return True
+            prev = self._seen.setdefault(key, [])
+            for j in prev:
+                if i - j <= self.max_period:
+                    self._runs.setdefault(i - j, self.key_len)
+            prev.append(i)
+            if len(prev) > self.max_candidates:
+                del prev[0]
+        for p in sorted(self._runs):
+            if self._runs[p] + p >= max(self.min_repeats * p, self.min_span):
+                self.match = RepeatMatch(period=p, span=self._runs[p] + p, end=i + 1)
+                return True
         return False
 
     def extend(self, tokens: Iterable[int]) -> bool:

@@ -1,0 +1,147 @@
+"""The ``k15`` command line (paper 2.3-2.6 as a runnable job).
+
+    k15 train [--config configs/default.yaml] [--output-dir DIR] [--resume] [--set section.key=value ...]
+    k15 eval DIR [--samples 8]
+    k15 long2short merge|srs|dpo|rl DIR
+    k15 plot DIR [--out curve.png]
+
+``k15 train`` with no arguments runs ``configs/default.yaml`` (the embedded default if the file is not
+there). Configuration errors are reported before any work starts, naming the key.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from k15sys.train.config import ConfigError, describe, load_config
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default=None, help="YAML config (default: configs/default.yaml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one option, e.g. --set rl.lr=1e-3 (repeatable)")
+
+
+def _load(args: argparse.Namespace, extra: list[str] | None = None):
+    path = args.config or (DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None)
+    overrides = list(args.overrides) + list(extra or [])
+    if getattr(args, "output_dir", None):
+        overrides.append(f"run.output_dir={args.output_dir}")
+    return load_config(path, overrides)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    if args.help_config:
+        print("\n".join(describe()))
+        return 0
+    cfg = _load(args)
+    from k15sys.train import distributed
+    from k15sys.train.trainer import Trainer
+
+    distributed.init_from_env()
+    Trainer(cfg).run(resume=args.resume)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from k15sys.train.evaluation import evaluate
+    from k15sys.train.long2short_job import _load
+
+    cfg = _load_cfg_for_run(args)
+    tr = _load(cfg, Path(args.run_dir))
+    row = evaluate(tr.engine, tr.tokenizer, tr.splits.eval, max_new_tokens=cfg.rl.max_new_tokens,
+                   num_samples=args.samples, temperature=cfg.eval.temperature, batch_size=cfg.eval.batch_size,
+                   seed=cfg.run.seed)
+    tr.scheduler.close()
+    print(json.dumps({"iteration": tr.iteration, **row}, sort_keys=True))
+    return 0
+
+
+def cmd_long2short(args: argparse.Namespace) -> int:
+    import json
+
+    from k15sys.train.long2short_job import long2short
+
+    row = long2short(args.method, _load_cfg_for_run(args), args.run_dir)
+    print(json.dumps(row, sort_keys=True))
+    return 0
+
+
+def _load_cfg_for_run(args: argparse.Namespace):
+    """The run's own config (saved in its checkpoints) unless --config is given; --set applies on top."""
+    if args.config is None:
+        from k15sys.train.checkpoint import latest_checkpoint, load_checkpoint
+        from k15sys.train.config import config_from_dict, parse_override
+
+        ck = latest_checkpoint(Path(args.run_dir) / "checkpoints")
+        if ck is None:
+            raise ConfigError(f"run_dir: no checkpoint under {args.run_dir}/checkpoints")
+        data = load_checkpoint(ck)["config"]
+        for text in args.overrides:
+            keys, value = parse_override(text)
+            node = data
+            for k in keys[:-1]:
+                if not isinstance(node.get(k), dict):
+                    raise ConfigError(f"{'.'.join(keys)}: {k} is not a section")
+                node = node[k]
+            node[keys[-1]] = value
+        return config_from_dict(data)
+    return _load(args)
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from k15sys.train.plot import plot_run
+
+    out = plot_run(args.run_dir, args.out, keys=args.keys)
+    print(out)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="k15", description="Kimi k1.5 RL system (arXiv 2501.12599)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="long-CoT SFT warm-up, then k1.5 RL")
+    _config_args(p)
+    p.add_argument("--output-dir", default=None, help="run directory (overrides run.output_dir)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the run directory")
+    p.add_argument("--help-config", action="store_true", help="print every config option and exit")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="held-out pass@1 (greedy) and pass@k of a run's latest checkpoint")
+    p.add_argument("run_dir")
+    _config_args(p)
+    p.add_argument("--samples", type=int, default=1, help="k for pass@k (sampled at eval.temperature)")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("long2short", help="long2short methods of paper 2.4 on a trained run")
+    p.add_argument("method", choices=["merge", "srs", "dpo", "rl"])
+    p.add_argument("run_dir")
+    _config_args(p)
+    p.set_defaults(func=cmd_long2short)
+
+    p = sub.add_parser("plot", help="render PNG curves from a run's metrics.jsonl")
+    p.add_argument("run_dir")
+    p.add_argument("--out", default=None, help="PNG path (default: RUN_DIR/curves.png)")
+    p.add_argument("--keys", nargs="*", default=None, help="metrics to plot (default: pass@1, reward, length, KL)")
+    p.set_defaults(func=cmd_plot)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``k15`` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as e:
+        print(f"k15: config error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

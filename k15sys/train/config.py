@@ -1,0 +1,264 @@
+"""Typed configuration of the main job (paper 2.3 / 2.6): dataclasses, YAML files, CLI overrides.
+
+Every option is a dataclass field with a ``help`` string (``k15 train --help-config`` prints them all).
+``load_config(path, overrides)`` reads YAML, applies ``section.key=value`` overrides and validates the
+whole tree before any work starts: an unknown key, a wrong type or a bad value raises
+:class:`ConfigError` naming the key (e.g. ``rl.group_size``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad configuration; the message starts with the dotted key at fault."""
+
+
+def _opt(default: Any, help: str, *, choices: tuple[Any, ...] | None = None, min: float | None = None) -> Any:
+    return field(default=default, metadata={"help": help, "choices": choices, "min": min})
+
+
+@dataclass
+class TaskConfig:
+    """The shipped arithmetic task (k15sys.tasks)."""
+
+    seed: int = _opt(1234, "seed of the problem generator (train/eval splits)")
+    num_train: int = _opt(4000, "RL/SFT training problems", min=1)
+    num_eval: int = _opt(200, "held-out evaluation problems (disjoint from train)", min=1)
+    min_ops: int = _opt(2, "fewest operations per problem (difficulty label = #operations)", min=1)
+    max_ops: int = _opt(5, "most operations per problem", min=1)
+    max_operand: int = _opt(9, "operands are drawn from [1, max_operand]", min=1)
+    verify_prob: float = _opt(0.7, "long-CoT traces: probability of a check after each step", min=0.0)
+    guess_prob: float = _opt(0.0, "SFT data: share of unreasoned direct answers (wrong by 1-3) mixed in", min=0.0)
+
+
+@dataclass
+class ModelConfig:
+    """A small Qwen2-architecture model built from a transformers Qwen2Config (no download)."""
+
+    hidden_size: int = _opt(96, "hidden size", min=8)
+    intermediate_size: int = _opt(256, "MLP intermediate size", min=8)
+    num_layers: int = _opt(3, "decoder layers", min=1)
+    num_heads: int = _opt(4, "attention heads", min=1)
+    num_kv_heads: int = _opt(2, "key/value heads (GQA); must divide num_heads", min=1)
+    max_position_embeddings: int = _opt(256, "longest prompt + response", min=16)
+    seed: int = _opt(0, "initialisation seed", min=0)
+
+
+@dataclass
+class SFTConfig:
+    """Long-CoT supervised warm-up (paper 2.3.1) before RL."""
+
+    steps: int = _opt(350, "optimizer steps (kept short on purpose: RL starts from a mediocre model)", min=0)
+    batch_size: int = _opt(64, "sequences per step", min=1)
+    lr: float = _opt(3e-3, "peak AdamW learning rate (linear warm-up, cosine decay)", min=0.0)
+    warmup_steps: int = _opt(20, "learning-rate warm-up steps", min=0)
+    weight_decay: float = _opt(0.0, "AdamW weight decay", min=0.0)
+    long_cot: bool = _opt(True, "train on long-CoT traces (with checks); false = short traces")
+
+
+@dataclass
+class RLConfig:
+    """k1.5 RL iterations (paper 2.3.2-2.3.4, 2.6.2)."""
+
+    iterations: int = _opt(1000, "RL iterations (rl.max_minutes usually stops the run first)", min=0)
+    max_minutes: float = _opt(15.0, "stop RL after this wall time (minutes, 0 = no limit)", min=0.0)
+    prompts_per_iteration: int = _opt(32, "prompts sampled per iteration", min=1)
+    group_size: int = _opt(8, "k: samples per prompt (the group of the mean baseline)", min=1)
+    tau: float = _opt(0.02, "KL-regularisation strength tau of mirror descent", min=0.0)
+    baseline: str = _opt("mean", "estimate of tau log Z", choices=("mean", "logmeanexp"))
+    normalize: str = _opt("sum", "sequence log-prob: paper 'sum', or 'mean'/'constant' (deviations)",
+                          choices=("sum", "mean", "constant"))
+    lr: float = _opt(1e-5, "AdamW learning rate (small: the SFT model is sharp; see docs/main_job.md)", min=0.0)
+    warmup_iterations: int = _opt(0, "linear learning-rate warm-up over the first RL iterations", min=0)
+    minibatch_size: int = _opt(64, "sequences per optimizer step (a multiple of group_size)", min=1)
+    epochs: int = _opt(1, "passes over each iteration's batch", min=1)
+    grad_clip: float = _opt(1.0, "max global grad norm (0 = off)", min=0.0)
+    temperature: float = _opt(1.0, "sampling temperature of rollouts", min=0.0)
+    max_new_tokens: int = _opt(96, "max response length (tokens); longer ones are truncated", min=1)
+    token_budget: int = _opt(0, "partial rollouts: tokens per trajectory per iteration (0 = max_new_tokens)", min=0)
+    sampler: str = _opt("curriculum", "prompt sampler", choices=("curriculum", "prioritized", "uniform"))
+    curriculum_ramp: int = _opt(20, "curriculum: iterations until the whole pool is open", min=0)
+    length_penalty_weight: float = _opt(0.0, "weight of the length reward (2.3.3)", min=0.0)
+    length_penalty_warmup: int = _opt(0, "iterations with the length reward off", min=0)
+    repeat_penalty: float = _opt(-1.0, "reward added to trajectories stopped for repeating (<= 0)")
+    truncated_reward: float = _opt(0.0, "reward of a response cut at max_new_tokens (0 = counts as wrong)")
+
+
+@dataclass
+class EvalConfig:
+    """Held-out evaluation (greedy pass@1, sampled pass@k)."""
+
+    every: int = _opt(5, "evaluate every this many RL iterations (and after the last)", min=1)
+    num_samples: int = _opt(1, "samples per problem for pass@k (1 = greedy pass@1 only)", min=1)
+    temperature: float = _opt(1.0, "sampling temperature for pass@k", min=0.0)
+    batch_size: int = _opt(200, "problems per generate call", min=1)
+
+
+@dataclass
+class Long2ShortConfig:
+    """long2short methods (paper 2.4), run by ``k15 long2short merge|srs|dpo|rl`` on a trained run."""
+
+    merge_alpha: float = _opt(0.5, "merge: weight of the long-CoT model (1 - alpha for the short-CoT one)", min=0.0)
+    num_problems: int = _opt(256, "srs/dpo: training problems sampled from the long-CoT model", min=1)
+    num_samples: int = _opt(8, "srs/dpo: samples per problem (the paper uses 8)", min=2)
+    steps: int = _opt(60, "srs/dpo: optimizer steps", min=1)
+    batch_size: int = _opt(32, "srs: sequences per step; dpo: pairs per step", min=1)
+    lr: float = _opt(3e-5, "srs: AdamW learning rate", min=0.0)
+    dpo_beta: float = _opt(0.1, "dpo: beta", min=0.0)
+    dpo_lr: float = _opt(3e-6, "dpo: AdamW learning rate (DPO moves the sharp SFT/RL model fast)", min=0.0)
+    dpo_length_ratio: float = _opt(1.5, "dpo: correct samples longer than this x the chosen are rejected", min=1.0)
+    rl_iterations: int = _opt(20, "rl: RL iterations with the length penalty", min=1)
+    rl_max_new_tokens: int = _opt(64, "rl: the (much smaller) max rollout length", min=1)
+    rl_length_penalty_weight: float = _opt(1.0, "rl: weight of the length reward (no warm-up)", min=0.0)
+
+
+@dataclass
+class RunConfig:
+    """Run-level options."""
+
+    output_dir: str = _opt("runs/default", "directory for metrics.jsonl, tensorboard/, checkpoints/")
+    seed: int = _opt(0, "seed of sampling, rollouts and minibatch order", min=0)
+    threads: int = _opt(1, "torch intra-op threads (0 = torch default); 1 keeps runs bit-reproducible", min=0)
+    checkpoint_every: int = _opt(10, "save a checkpoint every this many RL iterations", min=1)
+    keep_checkpoints: int = _opt(2, "checkpoints kept on disk", min=1)
+    pack_row_tokens: int = _opt(256, "sequence packing: tokens per packed row (0 = one row)", min=0)
+    colocate: bool = _opt(False, "engine.sleep() during training and wake() before the weight sync (GPU colocation)")
+    tensorboard: bool = _opt(True, "also write TensorBoard event files")
+    progress: bool = _opt(True, "show tqdm progress bars")
+
+
+@dataclass
+class Config:
+    """The whole main job: ``k15 train --config configs/default.yaml``."""
+
+    run: RunConfig = field(default_factory=RunConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    long2short: Long2ShortConfig = field(default_factory=Long2ShortConfig)
+
+
+def _check_value(key: str, f: dataclasses.Field, value: Any) -> Any:
+    typ = f.type if not isinstance(f.type, str) else {"int": int, "float": float, "str": str, "bool": bool}[f.type]
+    if typ is float and isinstance(value, (int, str)) and not isinstance(value, bool):
+        try:  # YAML 1.1 reads 1e-3 as a string
+            value = float(value)
+        except ValueError:
+            pass
+    if typ is bool and not isinstance(value, bool) or typ is not bool and (isinstance(value, bool) or not isinstance(value, typ)):
+        raise ConfigError(f"{key}: expected {typ.__name__}, got {type(value).__name__} {value!r}")
+    choices, lo = f.metadata.get("choices"), f.metadata.get("min")
+    if choices and value not in choices:
+        raise ConfigError(f"{key}: expected one of {list(choices)}, got {value!r}")
+    if lo is not None and value < lo:
+        raise ConfigError(f"{key}: must be >= {lo}, got {value!r}")
+    return value
+
+
+def _is_section(f: dataclasses.Field) -> bool:
+    return f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(f.default_factory)
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for k in data:
+        if k not in fields:
+            raise ConfigError(f"{prefix}{k}: unknown key (known: {', '.join(fields)})")
+    kwargs = {}
+    for name, f in fields.items():
+        if name not in data:
+            continue
+        key = prefix + name
+        if _is_section(f):
+            kwargs[name] = _build(f.default_factory, data[name], key + ".")
+        else:
+            kwargs[name] = _check_value(key, f, data[name])
+    return cls(**kwargs)
+
+
+def _cross_checks(cfg: Config) -> None:
+    if cfg.task.max_ops < cfg.task.min_ops:
+        raise ConfigError(f"task.max_ops: must be >= task.min_ops={cfg.task.min_ops}, got {cfg.task.max_ops}")
+    for key in ("verify_prob", "guess_prob"):
+        if getattr(cfg.task, key) > 1:
+            raise ConfigError(f"task.{key}: must be <= 1, got {getattr(cfg.task, key)}")
+    if cfg.model.num_heads % cfg.model.num_kv_heads:
+        raise ConfigError(f"model.num_kv_heads: {cfg.model.num_kv_heads} does not divide model.num_heads={cfg.model.num_heads}")
+    if cfg.model.hidden_size % cfg.model.num_heads:
+        raise ConfigError(f"model.hidden_size: {cfg.model.hidden_size} is not a multiple of model.num_heads={cfg.model.num_heads}")
+    if cfg.rl.minibatch_size % cfg.rl.group_size:
+        raise ConfigError(f"rl.minibatch_size: {cfg.rl.minibatch_size} is not a multiple of rl.group_size={cfg.rl.group_size}")
+    if cfg.rl.repeat_penalty > 0:
+        raise ConfigError(f"rl.repeat_penalty: must be <= 0, got {cfg.rl.repeat_penalty}")
+    if cfg.rl.tau <= 0:
+        raise ConfigError(f"rl.tau: must be > 0, got {cfg.rl.tau}")
+    if cfg.rl.token_budget > cfg.rl.max_new_tokens:
+        raise ConfigError(f"rl.token_budget: {cfg.rl.token_budget} exceeds rl.max_new_tokens={cfg.rl.max_new_tokens}")
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Build and validate a :class:`Config` from a nested mapping."""
+    cfg = _build(Config, data or {}, "")
+    _cross_checks(cfg)
+    return cfg
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"rl.lr=1e-3"`` -> (["rl", "lr"], 0.001); the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"{text}: an override must look like section.key=value")
+    key, raw = text.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Read YAML (or start from the defaults), apply ``section.key=value`` overrides, validate."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config: file not found: {p}")
+        data = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"config: {p} must hold a mapping at the top level")
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = data
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{'.'.join(keys)}: {k} is not a section")
+        node[keys[-1]] = value
+    return config_from_dict(data)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain nested dict (for YAML dumps and checkpoints)."""
+    return dataclasses.asdict(cfg)
+
+
+def describe(cls: type = Config, prefix: str = "") -> list[str]:
+    """One line per option: ``key (type, default): help``."""
+    lines = []
+    for f in dataclasses.fields(cls):
+        if _is_section(f):
+            lines.append(f"[{prefix}{f.name}] {f.default_factory.__doc__}")
+            lines += describe(f.default_factory, prefix + f.name + ".")
+        else:
+            choices = f.metadata.get("choices")
+            extra = f", one of {list(choices)}" if choices else ""
+            typ = f.type if isinstance(f.type, str) else f.type.__name__
+            lines.append(f"  {prefix}{f.name} ({typ}, default {f.default!r}{extra}): {f.metadata.get('help', '')}")
+    return lines
+

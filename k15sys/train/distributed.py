@@ -1,0 +1,161 @@
+"""torch.distributed glue for the trainer (paper 2.6.3): FSDP2 sharding, full state dicts, reductions.
+
+Launch with ``torchrun --nproc-per-node N -m k15sys.cli train ...`` (gloo on the CPU, NCCL on GPUs).
+With one process every helper degrades to the plain single-process operation, so the trainer has one
+code path. Parallelism is applied to a model by :func:`shard` (FSDP2 ``fully_shard`` on every decoder
+layer, then on the root), never baked into the model class.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+def init_from_env() -> None:
+    """Initialise the default process group when launched by torchrun (``WORLD_SIZE`` > 1)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+
+
+def rank_and_world() -> tuple[int, int]:
+    """(rank, world size); (0, 1) without a process group."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _distributed() -> bool:
+    return rank_and_world()[1] > 1
+
+
+def shard(policy: nn.Module) -> nn.Module:
+    """FSDP2-shard a :class:`~k15sys.train.policy.PackedPolicy`: each decoder layer, then the root."""
+    if not _distributed():
+        return policy
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in policy.lm.model.layers:
+        fully_shard(layer)
+    fully_shard(policy)
+    return policy
+
+
+def full_state_dict(lm: nn.Module) -> dict[str, torch.Tensor]:
+    """Unsharded parameters and buffers of ``lm`` by HF name (tied weights once), on the CPU."""
+    out = {}
+    for name, t in [*lm.named_parameters(), *lm.named_buffers()]:
+        t = t.detach()
+        if hasattr(t, "full_tensor"):
+            t = t.full_tensor()
+        out[name] = t.cpu()
+    return out
+
+
+def load_full_state_dict(lm: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Inverse of :func:`full_state_dict`: copy full tensors into (possibly sharded) parameters."""
+    own = dict([*lm.named_parameters(), *lm.named_buffers()])
+    missing = sorted(set(own) - set(state))
+    if missing:
+        raise ValueError(f"state: missing tensors {missing[:5]}")
+    with torch.no_grad():
+        for name, t in own.items():
+            src = state[name]
+            if hasattr(t, "device_mesh"):
+                from torch.distributed.tensor import distribute_tensor
+
+                src = distribute_tensor(src.to(t.dtype), t.device_mesh, t.placements)
+                t.to_local().copy_(src.to_local())
+            else:
+                t.copy_(src)
+
+
+def full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The optimizer state, unsharded (identical on every rank count-independent layout)."""
+    if not _distributed():
+        return copy_state(optimizer.state_dict())
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """Inverse of :func:`full_optimizer_state_dict`."""
+    if not _distributed():
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+
+def copy_state(obj: Any) -> Any:
+    """Deep copy of nested containers of tensors (a snapshot unaffected by later in-place updates)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().clone()
+    if isinstance(obj, dict):
+        return {k: copy_state(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [copy_state(v) for v in obj]
+    return obj
+
+
+def clip_grad_norm(model: nn.Module, max_norm: float) -> float:
+    """Clip the global gradient norm to ``max_norm`` (0 = only measure it); returns the norm before clipping."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm if max_norm > 0 else float("inf"))
+    if hasattr(norm, "full_tensor"):
+        norm = norm.full_tensor()
+    return float(norm)
+
+
+def all_gather_objects(obj: Any) -> list[Any]:
+    """``[obj of rank 0, obj of rank 1, ...]`` (``[obj]`` in one process)."""
+    if not _distributed():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def gather_sampler_feedback(groups: Sequence[Any], correct: Sequence[float]) -> tuple[list[int], list[float]]:
+    """Every rank's (prompt index, correctness) pairs, in rank order, so all samplers see the same feedback."""
+    mine = ([g.prompt_index for g in groups for _ in g.trajectories], list(correct))
+    idx: list[int] = []
+    rew: list[float] = []
+    for i, r in all_gather_objects(mine):
+        idx += i
+        rew += r
+    return idx, rew
+
+
+def sum_dict(values: dict[str, float]) -> dict[str, float]:
+    """Sum of float dicts over ranks (max for keys ending in ``_max``)."""
+    rows = all_gather_objects(values)
+    return {k: (max if k.endswith("_max") else sum)(r[k] for r in rows) for k in values}
+
+
+def max_int(value: int) -> int:
+    """Maximum of an int over ranks."""
+    if not _distributed():
+        return value
+    t = torch.tensor([value], dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
+def broadcast_object(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank."""
+    if not _distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def barrier() -> None:
+    if _distributed():
+        dist.barrier()

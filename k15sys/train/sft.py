@@ -1,0 +1,75 @@
+"""Long-CoT supervised fine-tuning, the warm-up before RL (paper 2.3.1).
+
+Each step draws ``batch_size`` training problems, writes a fresh solution trace for each (long-CoT
+traces re-check steps at random, so the model sees varied lengths), packs them without padding and
+minimises the mean negative log-likelihood of the response tokens (``k15sys.ops.fused_logprobs``).
+"""
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from k15sys.tasks import CharTokenizer, Problem, guess, solution
+from k15sys.train.config import SFTConfig
+from k15sys.train.packing import pack
+from k15sys.train.policy import PackedPolicy
+
+
+def sft_examples(
+    problems: Sequence[Problem], tokenizer: CharTokenizer, *, rng: random.Random, verify_prob: float, n: int,
+    guess_prob: float = 0.0,
+) -> tuple[list[list[int]], list[int]]:
+    """``n`` random (prompt + solution) token sequences and their prompt lengths; a ``guess_prob`` share
+    of the responses are unreasoned wrong answers (:func:`k15sys.tasks.guess`)."""
+    seqs, plens = [], []
+    for _ in range(n):
+        p = problems[rng.randrange(len(problems))]
+        prompt = tokenizer.encode(p.prompt, bos=True)
+        text = guess(p, rng) if rng.random() < guess_prob else solution(p, rng=rng, verify_prob=verify_prob)
+        resp = tokenizer.encode(text, eos=True)
+        seqs.append(prompt + resp)
+        plens.append(len(prompt))
+    return seqs, plens
+
+
+def lr_factor(step: int, total: int, warmup: int) -> float:
+    """Linear warm-up to 1 over ``warmup`` steps, then cosine decay to 0.1 at ``total``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    frac = (step - warmup) / max(1, total - warmup)
+    return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, frac)))
+
+
+def sft_steps(
+    policy: PackedPolicy,
+    problems: Sequence[Problem],
+    tokenizer: CharTokenizer,
+    cfg: SFTConfig,
+    *,
+    verify_prob: float,
+    seed: int,
+    guess_prob: float = 0.0,
+    row_tokens: int = 0,
+) -> Iterator[dict[str, float]]:
+    """Run ``cfg.steps`` SFT steps, yielding ``{"sft/loss", "sft/lr", "sft/tokens"}`` after each."""
+    if not problems:
+        raise ValueError("problems: empty SFT set")
+    rng = random.Random(seed)
+    opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
+    policy.train()
+    for step in range(cfg.steps):
+        lr = cfg.lr * lr_factor(step, cfg.steps, cfg.warmup_steps)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        seqs, plens = sft_examples(problems, tokenizer, rng=rng, verify_prob=verify_prob if cfg.long_cot else 0.0,
+                                   n=cfg.batch_size, guess_prob=guess_prob)
+        out = policy(pack(seqs, plens, row_tokens=row_tokens, pad_id=tokenizer.pad_token_id))
+        loss = -out.seq_logp.sum() / out.num_tokens.sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
+        opt.step()
+        yield {"sft/step": step + 1, "sft/loss": float(loss.detach()), "sft/lr": lr, "sft/tokens": float(out.num_tokens.sum())}

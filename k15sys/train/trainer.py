@@ -1,0 +1,344 @@
+"""The k1.5 main job: long-CoT SFT warm-up, then RL iterations (paper 2.3, 2.6), readable top to bottom.
+
+One RL iteration (``Trainer.rl_iteration``):
+
+1. partial rollouts: the scheduler opens ``prompts_per_iteration`` new groups of k samples from the
+   sampler (curriculum / prioritized) and continues unfinished trajectories from the replay buffer;
+2. rewards: the math verifier, a repeat penalty for looping trajectories, the length penalty (2.3.3);
+3. the complete groups are packed (varlen, no padding) and scored under the reference policy pi_i
+   (the current weights) once, without grad;
+4. minibatch steps on the PMD loss (2.3.2) through ``k15sys.ops.fused_logprobs``;
+5. the new weights go to the rollout engine; metrics are logged, evaluation and checkpoint follow.
+
+Everything that decides the next step (model, optimizer, sampler, replay buffer, RNG, iteration) is
+checkpointed, so ``--resume`` after a kill continues exactly where the last checkpoint left off.
+Under torchrun every rank rolls out and trains on its share of the groups (FSDP2 shards the model, see
+:mod:`k15sys.train.distributed`); rank 0 writes metrics and checkpoints.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from k15sys.algo import CurriculumSampler, LengthPenaltySchedule, PrioritizedSampler, length_penalty, penalize_repeats, pmd_loss
+from k15sys.rewards import math_reward
+from k15sys.rollout import Group, PartialRolloutScheduler, ReplayBuffer, SamplingParams, TorchEngine
+from k15sys.tasks import CharTokenizer, make_splits
+from k15sys.train import distributed as dist_utils
+from k15sys.train.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from k15sys.train.config import Config, to_dict
+from k15sys.train.evaluation import evaluate
+from k15sys.train.metrics import MetricsLog
+from k15sys.train.model import build_model
+from k15sys.train.packing import pack
+from k15sys.train.policy import PackedPolicy
+from k15sys.train.sft import sft_steps
+
+
+def _progress(iterable: Any, enabled: bool, **kw: Any) -> Any:
+    if not enabled:
+        return iterable
+    from tqdm import tqdm
+
+    return tqdm(iterable, **kw)
+
+
+class Trainer:
+    """Builds every component from a :class:`Config` and runs ``sft -> eval -> RL iterations``.
+
+    Args:
+        cfg: the validated configuration.
+        stop_after: test hook, called with the iteration number at named points of an iteration
+            (``"rollout"``, ``"step"``); it may raise or kill the process to simulate a crash.
+    """
+
+    def __init__(self, cfg: Config, *, stop_after: Callable[[int, str], None] | None = None) -> None:
+        self.cfg = cfg
+        self.stop_after = stop_after or (lambda it, where: None)
+        self.rank, self.world = dist_utils.rank_and_world()
+        if cfg.run.threads:
+            torch.set_num_threads(cfg.run.threads)
+        self.out = Path(cfg.run.output_dir)
+        self.tokenizer = CharTokenizer()
+        t = cfg.task
+        self.splits = make_splits(seed=t.seed, num_train=t.num_train, num_eval=t.num_eval, min_ops=t.min_ops,
+                                  max_ops=t.max_ops, max_operand=t.max_operand)
+        tok = self.tokenizer
+        lm = build_model(cfg.model, tok.vocab_size, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                         pad_token_id=tok.pad_token_id)
+        # the rollout engine holds its own copy of the weights, refreshed after every step (weight sync)
+        self.engine = TorchEngine(copy.deepcopy(lm), pad_token_id=tok.pad_token_id)
+        self.policy = dist_utils.shard(PackedPolicy(lm))
+        self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=cfg.rl.lr, betas=(0.9, 0.98), weight_decay=0.0)
+        self.prompts = [tok.encode(p.prompt, bos=True) for p in self.splits.train]
+        self.scheduler = PartialRolloutScheduler(
+            self.engine, self._make_sampler(), self.prompts,
+            group_size=cfg.rl.group_size,
+            prompts_per_iteration=self._my_share(cfg.rl.prompts_per_iteration),
+            budget_per_iteration=cfg.rl.token_budget or cfg.rl.max_new_tokens,
+            max_total_len=max(map(len, self.prompts)) + cfg.rl.max_new_tokens,
+            params=SamplingParams(cfg.rl.max_new_tokens, temperature=cfg.rl.temperature, stop_token_ids=(tok.eos_token_id,)),
+            batch_size=256,
+            buffer=ReplayBuffer(),
+        )
+        self.length_weight = LengthPenaltySchedule(cfg.rl.length_penalty_weight, cfg.rl.length_penalty_warmup)
+        self.metrics = MetricsLog(self.out, tensorboard=cfg.run.tensorboard, enabled=self.rank == 0)
+        self.iteration = 0  # RL iterations done
+        self.stage = "init"
+        self.rl_seconds = 0.0
+
+    # ------------------------------------------------------------------ the job
+    def run(self, *, resume: bool = False) -> None:
+        """SFT warm-up + its evaluation row, then RL iterations until ``rl.iterations`` or ``rl.max_minutes``."""
+        if not (resume and self._resume()):
+            self.stage = "sft"
+            self.sft()
+            self.stage = "rl"
+            self._eval_row(extra={"stage": "sft"})
+            self.save()
+        cfg = self.cfg.rl
+        bar = _progress(range(self.iteration, cfg.iterations), self.cfg.run.progress and self.rank == 0,
+                        desc="rl", initial=self.iteration, total=cfg.iterations)
+        for _ in bar:
+            if cfg.max_minutes and self.rl_seconds >= 60.0 * cfg.max_minutes:
+                break
+            start = time.perf_counter()
+            row = self.rl_iteration()
+            self.rl_seconds += time.perf_counter() - start
+            row["time/rl_elapsed_s"] = self.rl_seconds
+            last = self.iteration == cfg.iterations or (cfg.max_minutes and self.rl_seconds >= 60.0 * cfg.max_minutes)
+            if self.iteration % self.cfg.eval.every == 0 or last:
+                row.update(self._evaluate())
+            self.metrics.log(row)
+            if self.iteration % self.cfg.run.checkpoint_every == 0 or last:
+                self.save()
+        self.metrics.close()
+        self.scheduler.close()
+
+    def sft(self) -> None:
+        """Long-CoT warm-up (paper 2.3.1) on the training problems; then the engine gets the weights."""
+        c = self.cfg
+        steps = sft_steps(self.policy, self.splits.train, self.tokenizer, c.sft, verify_prob=c.task.verify_prob,
+                          guess_prob=c.task.guess_prob, seed=c.run.seed, row_tokens=c.run.pack_row_tokens)
+        for row in _progress(steps, c.run.progress and self.rank == 0, desc="sft", total=c.sft.steps):
+            self.metrics.scalar("sft/loss", row["sft/loss"], int(row["sft/step"]))
+        self.sync_weights()
+
+    def rl_iteration(self) -> dict[str, float]:
+        """One k1.5 RL iteration; returns its metrics row."""
+        cfg, it, times = self.cfg.rl, self.iteration, {}
+        # 1. partial rollouts (new groups + continued trajectories); the seed makes the run reproducible
+        t0 = time.perf_counter()
+        self.scheduler.params = SamplingParams(cfg.max_new_tokens, temperature=cfg.temperature,
+                                               stop_token_ids=(self.tokenizer.eos_token_id,),
+                                               seed=self.cfg.run.seed * 1_000_003 + it * 7919 + self.rank)
+        groups = self.scheduler.run_iteration(policy_version=it)
+        if self.cfg.run.colocate:  # free the engine's accelerator memory while the trainer works
+            self.engine.sleep()
+        times["time/rollout_s"] = time.perf_counter() - t0
+        generated = self.scheduler.last_stats.generated_tokens
+        self.stop_after(it, "rollout")
+        # 2. rewards: verifier + repeat penalty + length penalty, per complete group
+        t0 = time.perf_counter()
+        trajs = [t for g in groups for t in g.trajectories]
+        correct, rewards, info = self.rewards(groups, it)
+        times["time/reward_s"] = time.perf_counter() - t0
+        self.scheduler.sampler.update(*dist_utils.gather_sampler_feedback(groups, correct.tolist()))
+        # 3-4. pack, reference log-probs once, minibatch steps on the PMD loss
+        t0 = time.perf_counter()
+        stats = self.train_on(trajs, rewards)
+        times["time/train_s"] = time.perf_counter() - t0
+        self.stop_after(it, "step")
+        # 5. weight sync to the rollout engine
+        t0 = time.perf_counter()
+        self.sync_weights()
+        times["time/sync_s"] = time.perf_counter() - t0
+        self.iteration += 1
+        lengths = [len(t.response_ids) for t in trajs]
+        local = {
+            "n": float(len(trajs)), "correct": float(correct.sum()), "reward": float(rewards.sum()),
+            "len": float(sum(lengths)), "len_max": float(max(lengths, default=0)), "truncated": info["truncated"],
+            "repeat": info["repeat"], "generated": float(generated),
+        }
+        tot = dist_utils.sum_dict(local)
+        n = max(tot["n"], 1.0)
+        total_time = sum(times.values())
+        return {
+            "iteration": self.iteration,
+            "rl/groups": tot["n"] / cfg.group_size,
+            "rl/reward": tot["reward"] / n,
+            "rl/accuracy": tot["correct"] / n,
+            "rl/response_len": tot["len"] / n,
+            "rl/response_len_max": tot["len_max"],
+            "rl/truncation_rate": tot["truncated"] / n,
+            "rl/repeat_rate": tot["repeat"] / n,
+            "rl/length_penalty_weight": self.length_weight(it),
+            "rl/replay_buffer": float(len(self.scheduler.buffer)),
+            **stats,
+            **times,
+            "perf/rollout_tokens_per_s": tot["generated"] / max(times["time/rollout_s"], 1e-9),
+            "perf/train_tokens_per_s": stats.get("rl/train_tokens", 0.0) * self.world / max(times["time/train_s"], 1e-9),
+            "time/iteration_s": total_time,
+        }
+
+    def rewards(self, groups: list[Group], iteration: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+        """Correctness [N] and shaped rewards [N] of the complete groups (paper 2.3.3, 2.3.5, 2.6.2)."""
+        cfg = self.cfg.rl
+        trajs = [t for g in groups for t in g.trajectories]
+        if not trajs:
+            return torch.zeros(0), torch.zeros(0), {"truncated": 0.0, "repeat": 0.0}
+        problems = [self.splits.train[g.prompt_index] for g in groups for _ in g.trajectories]
+        correct = torch.tensor([
+            0.0 if t.finish_reason == "length" else math_reward(self.tokenizer.decode(t.response_ids), p.answer)
+            for t, p in zip(trajs, problems)
+        ])
+        truncated = torch.tensor([t.finish_reason == "length" for t in trajs])
+        repeated = torch.tensor([t.finish_reason == "repeat" for t in trajs])
+        rewards = torch.where(truncated, torch.full_like(correct, cfg.truncated_reward), correct)
+        rewards = penalize_repeats(rewards, repeated, penalty=cfg.repeat_penalty)
+        weight = self.length_weight(iteration)
+        if weight > 0:
+            lengths = torch.tensor([len(t.response_ids) for t in trajs], dtype=torch.float32)
+            rewards = rewards + weight * length_penalty(lengths, correct > 0, group_size=cfg.group_size)
+        return correct, rewards, {"truncated": float(truncated.sum()), "repeat": float(repeated.sum())}
+
+    def train_on(self, trajs: list, rewards: torch.Tensor) -> dict[str, float]:
+        """Reference log-probs once (no grad), then ``epochs`` passes of minibatch PMD steps.
+
+        Under FSDP every rank must run the same number of forward/backward passes; a rank with fewer
+        complete groups this iteration (partial rollouts) joins the extra steps with a zero-weight pass.
+        """
+        cfg, k = self.cfg.rl, self.cfg.rl.group_size
+        seqs = [t.prompt_ids + t.response_ids for t in trajs]
+        plens = [len(t.prompt_ids) for t in trajs]
+        mb_groups = cfg.minibatch_size // k
+        num_groups = len(trajs) // k
+        chunks = [list(range(g * k, min(num_groups, g + mb_groups) * k)) for g in range(0, num_groups, mb_groups)]
+        steps = dist_utils.max_int(len(chunks))
+        if steps == 0:
+            return {}
+
+        def forward(idx: list[int], *, entropy: bool = False) -> Any:
+            if not idx:  # a zero-weight pass that only keeps this rank in step with the others
+                return self.policy(pack([[self.tokenizer.bos_token_id, self.tokenizer.eos_token_id]], [1]), return_entropy=entropy)
+            batch = pack([seqs[i] for i in idx], [plens[i] for i in idx], row_tokens=self.cfg.run.pack_row_tokens,
+                         pad_id=self.tokenizer.pad_token_id)
+            return self.policy(batch, return_entropy=entropy)
+
+        with torch.no_grad():
+            refs = [self._seq_logp(forward(chunks[c] if c < len(chunks) else [])) for c in range(steps)]
+            ref = torch.cat(refs[: len(chunks)]) if chunks else torch.zeros(0)
+        lr = cfg.lr * min(1.0, (self.iteration + 1) / cfg.warmup_iterations) if cfg.warmup_iterations else cfg.lr
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        gen = torch.Generator().manual_seed(self.cfg.run.seed * 31 + self.iteration)
+        losses, norms, kls, ents, toks = [], [], [], [], 0.0
+        self.policy.train()
+        for _ in range(cfg.epochs):
+            order = torch.randperm(num_groups, generator=gen).tolist()
+            for step in range(steps):
+                idx = [g * k + j for g in order[step * mb_groups : (step + 1) * mb_groups] for j in range(k)]
+                out = forward(idx, entropy=True)
+                seq_logp = self._seq_logp(out)
+                if idx:
+                    loss = pmd_loss(seq_logp, ref[idx], rewards[idx], group_size=k, tau=cfg.tau, baseline=cfg.baseline)
+                else:
+                    loss = 0.0 * seq_logp.sum()
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                norm = dist_utils.clip_grad_norm(self.policy, cfg.grad_clip)
+                self.optimizer.step()
+                norms.append(norm)
+                if idx:
+                    ntok = float(out.num_tokens.sum())
+                    losses.append(float(loss.detach()))
+                    kls.append(float((ref[idx] - seq_logp.detach()).mean()))
+                    ents.append(float(out.entropy.detach().sum()) / max(ntok, 1.0))
+                    toks += ntok
+        mean = lambda xs: float(np.mean(xs)) if xs else 0.0  # noqa: E731
+        return {"rl/loss": mean(losses), "rl/grad_norm": mean(norms), "rl/kl_ref": mean(kls), "rl/entropy": mean(ents),
+                "rl/train_tokens": toks, "rl/lr": lr}
+
+    def _seq_logp(self, out: Any) -> torch.Tensor:
+        norm = self.cfg.rl.normalize
+        if norm == "mean":
+            return out.seq_logp / out.num_tokens.clamp_min(1.0)
+        if norm == "constant":
+            return out.seq_logp / float(self.cfg.rl.max_new_tokens)
+        return out.seq_logp
+
+    def sync_weights(self) -> None:
+        """Trainer -> rollout engine (full, unsharded weights in HF names)."""
+        if self.cfg.run.colocate:
+            self.engine.wake()
+        self.engine.update_weights(dist_utils.full_state_dict(self.policy.lm).items())
+
+    # ------------------------------------------------------------------ evaluation / state
+    def _evaluate(self) -> dict[str, float]:
+        e = self.cfg.eval
+        t0 = time.perf_counter()
+        row = {}
+        if self.rank == 0:
+            row = evaluate(self.engine, self.tokenizer, self.splits.eval, max_new_tokens=self.cfg.rl.max_new_tokens,
+                           num_samples=e.num_samples, temperature=e.temperature, batch_size=e.batch_size, seed=self.cfg.run.seed)
+        row = dist_utils.broadcast_object(row)
+        row["time/eval_s"] = time.perf_counter() - t0
+        return row
+
+    def _eval_row(self, extra: dict[str, Any]) -> None:
+        self.metrics.log({"iteration": self.iteration, **extra, **self._evaluate()})
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "iteration": self.iteration,
+            "stage": self.stage,
+            "rl_seconds": self.rl_seconds,
+            "model": dist_utils.full_state_dict(self.policy.lm),
+            "optimizer": dist_utils.full_optimizer_state_dict(self.policy, self.optimizer),
+            "scheduler": dist_utils.all_gather_objects(self.scheduler.state_dict()),  # per rank: buffer + sampler
+            "rng": dist_utils.all_gather_objects(rng_state()),
+            "config": to_dict(self.cfg),
+            "world_size": self.world,
+        }
+
+    def save(self) -> None:
+        state = self.state_dict()
+        if self.rank == 0:
+            save_checkpoint(self.out / "checkpoints", self.iteration, state, keep=self.cfg.run.keep_checkpoints)
+        dist_utils.barrier()
+
+    def _resume(self) -> bool:
+        path = latest_checkpoint(self.out / "checkpoints")
+        if path is None:
+            return False
+        state = load_checkpoint(path)
+        if state["world_size"] != self.world:
+            raise ValueError(f"--resume: checkpoint {path} was written by {state['world_size']} ranks, this run has {self.world}")
+        dist_utils.load_full_state_dict(self.policy.lm, state["model"])
+        dist_utils.load_full_optimizer_state_dict(self.policy, self.optimizer, state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"][self.rank])
+        set_rng_state(state["rng"][self.rank])
+        self.iteration, self.stage, self.rl_seconds = state["iteration"], state["stage"], state["rl_seconds"]
+        self.metrics.truncate(self.iteration)
+        self.sync_weights()
+        return True
+
+    def _make_sampler(self) -> Any:
+        cfg, seed = self.cfg.rl, self.cfg.run.seed
+        if cfg.sampler == "prioritized":
+            return PrioritizedSampler(len(self.splits.train), seed=seed + self.rank)
+        ramp = cfg.curriculum_ramp if cfg.sampler == "curriculum" else 0
+        return CurriculumSampler([p.difficulty for p in self.splits.train], ramp_iterations=ramp, seed=seed + self.rank)
+
+    def _my_share(self, n: int) -> int:
+        share = n // self.world + (1 if self.rank < n % self.world else 0)
+        if share < 1:
+            raise ValueError(f"rl.prompts_per_iteration: {n} is fewer than the {self.world} ranks")
+        return share
+

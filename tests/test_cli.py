@@ -1,0 +1,63 @@
+"""The ``k15`` command line: config errors before work, train/eval/plot on a tiny run."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from k15sys.cli import main
+
+K15 = [sys.executable, "-m", "k15sys.cli"]
+TINY = ["sft.steps=6", "sft.batch_size=8", "rl.iterations=2", "rl.prompts_per_iteration=4", "rl.group_size=4",
+        "rl.minibatch_size=8", "rl.max_new_tokens=32", "task.num_train=48", "task.num_eval=8", "eval.every=1",
+        "run.threads=1", "run.progress=false", "model.hidden_size=32", "model.intermediate_size=64", "model.num_layers=2"]
+
+
+def test_bad_config_fails_before_work_naming_the_key(tmp_path, capsys):
+    out = tmp_path / "never"
+    assert main(["train", "--output-dir", str(out), "--set", "rl.group_sise=4"]) == 2
+    assert "rl.group_sise" in capsys.readouterr().err
+    assert main(["train", "--output-dir", str(out), "--set", "rl.tau=-1"]) == 2
+    assert "rl.tau" in capsys.readouterr().err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  num_layers: 0\n")
+    assert main(["train", "--config", str(bad), "--output-dir", str(out)]) == 2
+    assert "model.num_layers" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_help_config_lists_every_option(capsys):
+    assert main(["train", "--help-config"]) == 0
+    text = capsys.readouterr().out
+    for key in ("rl.tau", "rl.group_size", "sft.steps", "task.max_ops", "run.output_dir", "long2short.dpo_beta"):
+        assert key in text
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("cli") / "run"
+    subprocess.run([*K15, "train", "--output-dir", str(run), *[f"--set={o}" for o in TINY]], check=True, timeout=240)
+    return run
+
+
+def test_train_writes_sft_row_then_rl_rows(tiny_run):
+    rows = [json.loads(line) for line in (tiny_run / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["stage"] == "sft" and rows[0]["iteration"] == 0 and "eval/pass@1" in rows[0]
+    assert [r["iteration"] for r in rows] == [0, 1, 2]
+    for key in ("rl/reward", "rl/accuracy", "rl/response_len", "rl/response_len_max", "rl/truncation_rate",
+                "rl/repeat_rate", "rl/entropy", "rl/kl_ref", "rl/grad_norm", "perf/rollout_tokens_per_s",
+                "time/rollout_s", "time/train_s", "eval/pass@1"):
+        assert key in rows[1], key
+    assert (tiny_run / "checkpoints" / "latest").exists()
+    assert any((tiny_run / "tensorboard").iterdir())
+
+
+def test_eval_and_plot(tiny_run, tmp_path):
+    out = subprocess.run([*K15, "eval", str(tiny_run), "--samples", "3"], capture_output=True, text=True, timeout=120, check=True)
+    row = json.loads(out.stdout.strip().splitlines()[-1])
+    assert row["iteration"] == 2 and 0 <= row["eval/pass@1"] <= 1 and 0 <= row["eval/pass@3"] <= 1
+    png = tmp_path / "c.png"
+    assert main(["plot", str(tiny_run), "--out", str(png)]) == 0
+    assert png.stat().st_size > 1000

@@ -1,0 +1,121 @@
+"""Unit tests of the main job's pieces: task, tokenizer, config, packing, policy log-probs, checkpoints, metrics."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from k15sys.rewards import math_reward
+from k15sys.tasks import CharTokenizer, make_problem, make_splits, solution
+from k15sys.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from k15sys.train.config import Config, ConfigError, ModelConfig, load_config
+from k15sys.train.metrics import MetricsLog, read_metrics
+from k15sys.train.model import build_model
+from k15sys.train.packing import IGNORE_INDEX, pack
+from k15sys.train.policy import PackedPolicy
+
+
+def _eval_chain(text: str) -> int:
+    total, num, sign = 0, "", 1
+    for ch in text + "+":
+        if ch.isdigit():
+            num += ch
+        else:
+            total += sign * int(num)
+            num, sign = "", (1 if ch == "+" else -1)
+    return total
+
+
+def test_problems_are_correct_and_solutions_verify():
+    rng = random.Random(0)
+    tok = CharTokenizer()
+    for _ in range(300):
+        p = make_problem(rng, rng.randint(1, 6), 9)
+        assert _eval_chain(p.prompt[:-1]) == int(p.answer) >= 0
+        for vp in (0.0, 1.0):
+            sol = solution(p, rng=rng, verify_prob=vp)
+            assert math_reward(sol, p.answer) == 1.0
+            assert tok.decode(tok.encode(p.prompt + sol)) == p.prompt + sol
+        assert len(solution(p, rng=rng, verify_prob=1.0)) > len(solution(p))
+
+
+def test_splits_are_disjoint_seeded_and_labelled():
+    a = make_splits(seed=3, num_train=300, num_eval=50, min_ops=2, max_ops=4, max_operand=9)
+    b = make_splits(seed=3, num_train=300, num_eval=50, min_ops=2, max_ops=4, max_operand=9)
+    assert a == b
+    assert not {p.prompt for p in a.train} & {p.prompt for p in a.eval}
+    assert {p.difficulty for p in a.train} == {2, 3, 4}
+    with pytest.raises(ValueError, match="max_ops"):
+        make_splits(seed=0, num_train=1, num_eval=1, min_ops=3, max_ops=2, max_operand=9)
+
+
+def test_tokenizer_rejects_unknown_characters():
+    with pytest.raises(ValueError, match="'x'"):
+        CharTokenizer().encode("1+x")
+
+
+def test_config_yaml_default_overrides_and_errors(tmp_path):
+    assert load_config("configs/default.yaml") == Config()
+    cfg = load_config("configs/default.yaml", ["rl.lr=1e-4", "rl.sampler=prioritized"])
+    assert cfg.rl.lr == 1e-4 and cfg.rl.sampler == "prioritized"
+    for bad, key in [("rl.nope=1", "rl.nope"), ("rl.group_size=0", "rl.group_size"), ("rl.lr=fast", "rl.lr"),
+                     ("model.num_kv_heads=3", "model.num_kv_heads"), ("rl.baseline=median", "rl.baseline"),
+                     ("nosection.x=1", "nosection"), ("rl.minibatch_size=12", "rl.minibatch_size")]:
+        with pytest.raises(ConfigError, match=f"^{key}"):
+            load_config(None, [bad])
+    f = tmp_path / "c.yaml"
+    f.write_text("rl:\n  epochs: two\n")
+    with pytest.raises(ConfigError, match="^rl.epochs"):
+        load_config(f)
+
+
+@pytest.mark.parametrize("row_tokens", [0, 7, 12])
+def test_packing_matches_separate_forward(row_tokens):
+    lm = build_model(ModelConfig(hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4, num_kv_heads=2),
+                     24, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    policy = PackedPolicy(lm)
+    g = torch.Generator().manual_seed(0)
+    seqs = [torch.randint(3, 24, (n,), generator=g).tolist() for n in (6, 2, 9, 4)]
+    plens = [3, 1, 5, 1]
+    batch = pack(seqs, plens, row_tokens=row_tokens)
+    assert batch.num_tokens == sum(map(len, seqs))
+    assert int((batch.labels != IGNORE_INDEX).sum()) == sum(len(s) - p for s, p in zip(seqs, plens))
+    out = policy(batch, return_entropy=True)
+    for i, (s, p) in enumerate(zip(seqs, plens)):
+        logits = lm(torch.tensor([s])).logits[0].detach().double().log_softmax(-1)
+        ref = sum(float(logits[t, s[t + 1]]) for t in range(p - 1, len(s) - 1))
+        assert out.seq_logp[i].item() == pytest.approx(ref, abs=1e-4)
+        assert out.num_tokens[i].item() == len(s) - p
+    out.seq_logp.sum().backward()
+    assert lm.model.embed_tokens.weight.grad is not None
+
+
+def test_pack_rejects_empty_response():
+    with pytest.raises(ValueError, match="prompt_lens"):
+        pack([[1, 2, 3]], [3])
+
+
+def test_checkpoint_is_atomic_and_pruned(tmp_path):
+    root = tmp_path / "ck"
+    assert latest_checkpoint(root) is None
+    for it in range(4):
+        save_checkpoint(root, it, {"iteration": it, "w": torch.full((3,), float(it))}, keep=2)
+    assert latest_checkpoint(root).name == "iter_000003"
+    assert sorted(p.name for p in root.glob("iter_*")) == ["iter_000002", "iter_000003"]
+    assert load_checkpoint(latest_checkpoint(root))["w"].tolist() == [3.0] * 3
+    # a torn write (a temp dir left by a kill) is ignored
+    (root / ".tmp_iter_000004_1").mkdir()
+    assert latest_checkpoint(root).name == "iter_000003"
+
+
+def test_metrics_jsonl_truncate(tmp_path):
+    log = MetricsLog(tmp_path, tensorboard=True)
+    for it in range(5):
+        log.log({"iteration": it, "rl/reward": it / 10})
+    log.truncate(2)
+    assert [r["iteration"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [0, 1, 2]
+    assert any((tmp_path / "tensorboard").iterdir())
+    with pytest.raises(ValueError, match="iteration"):
+        log.log({"x": 1})
+    log.close()
