@@ -1,15 +1,18 @@
 """Weight sync: CheckpointEngine end to end vs a raw broadcast of the same bytes, in one run (paper 2.6.3).
 
 Rank 0 (the trainer) holds ``--gb`` GB of bf16 weights as named tensors; every other rank (inference)
-receives them and copies them into its own preallocated weights (the load step). Runs on any number of
-GPUs (one process per GPU, NCCL), or with ``--quick`` on the CPU (2 gloo processes, small size).
+receives them into its own preallocated weights. Runs on any number of GPUs (one process per GPU, NCCL,
+``--gpus N`` or all visible), or with ``--quick`` on the CPU (2 gloo processes, small size).
 
-Measured, each the median of ``--reps`` runs after a warm-up:
+Measured, each the median of ``--reps`` runs after a warm-up, every receiver checked bit-exact after each path:
 * ``raw_broadcast``: dist.broadcast of the same bytes in ``--bucket-gb`` buckets, nothing else;
-* ``engine_gpu``: CheckpointEngine.update from GPU-resident tensors (pack, broadcast, verify-free commit,
-  load into the receivers' weights);
+* ``engine_gpu``: CheckpointEngine.update from GPU-resident tensors, staged receivers (pack, broadcast,
+  commit vote, then ``load_fn`` copies every tensor into the receiver's weights);
+* ``engine_gpu_inplace``: the same with in-place receivers (``targets=`` their weights: each bucket is
+  unpacked while the next is in flight, old bytes kept for rollback; nothing left after the vote);
 * ``h2d``: the pinned host -> GPU copy of the same bytes alone on rank 0;
-* ``engine_pinned``: CheckpointEngine.update from pinned host tensors (H2D overlapped with broadcast).
+* ``engine_pinned`` / ``engine_pinned_inplace``: the same from pinned host tensors (H2D overlapped with
+  the broadcast).
 """
 from __future__ import annotations
 
@@ -50,6 +53,8 @@ def _median_time(fn, reps: int, dev: torch.device) -> float:
 def worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str) -> None:
     cuda = not args.quick
     dev = torch.device("cuda", rank) if cuda else torch.device("cpu")
+    if not cuda:
+        torch.set_num_threads(1)  # several gloo ranks share a few cores: no OpenMP oversubscription
     if cuda:
         torch.cuda.set_device(dev)
     dist.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
@@ -72,10 +77,12 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str)
     eng = CheckpointEngine(bucket_bytes=bucket, device=dev)
     version = [0]
 
-    def engine_run(weights):
+    def engine_run(weights, in_place=False):
         version[0] += 1
         if rank == 0:
             eng.update(version[0], named_tensors=weights)
+        elif in_place:
+            eng.update(version[0], targets=dst)
         else:
             eng.update(version[0], load_fn=load)
 
@@ -102,6 +109,8 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str)
         return dst_ok
 
     ok = delivered()
+    res["engine_gpu_inplace"] = _median_time(lambda: engine_run(gpu_w if rank == 0 else None, True), args.reps, dev)
+    ok &= delivered()
     if cuda:
         if rank == 0:
             stage = torch.empty(n * per, dtype=torch.bfloat16, device=dev)
@@ -115,6 +124,9 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str)
         res["h2d"] = _median_time(h2d, args.reps, dev)
         res["engine_pinned"] = _median_time(lambda: engine_run(host_w if rank == 0 else None), args.reps, dev)
         ok &= delivered()
+        res["engine_pinned_inplace"] = _median_time(lambda: engine_run(host_w if rank == 0 else None, True),
+                                                    args.reps, dev)
+        ok &= delivered()
     flags = [None] * world
     dist.all_gather_object(flags, ok)
     if rank == 0:
@@ -123,9 +135,12 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str)
                   "device": torch.cuda.get_device_name() if cuda else "cpu (gloo)",
                   "nccl": ".".join(map(str, torch.cuda.nccl.version())) if cuda else None,
                   "ms": res, "correct_on_all_receivers": all(flags),
-                  "engine_gpu_vs_raw": res["engine_gpu"] / res["raw_broadcast"]}
+                  "engine_gpu_vs_raw": res["engine_gpu"] / res["raw_broadcast"],
+                  "engine_gpu_inplace_vs_raw": res["engine_gpu_inplace"] / res["raw_broadcast"]}
         if cuda:
-            result["engine_pinned_vs_max_h2d_broadcast"] = res["engine_pinned"] / max(res["h2d"], res["raw_broadcast"])
+            floor = max(res["h2d"], res["raw_broadcast"])
+            result["engine_pinned_vs_max_h2d_broadcast"] = res["engine_pinned"] / floor
+            result["engine_pinned_inplace_vs_max_h2d_broadcast"] = res["engine_pinned_inplace"] / floor
         Path(out).write_text(json.dumps(result))
     dist.destroy_process_group()
 

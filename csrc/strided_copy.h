@@ -19,8 +19,13 @@ struct CopyBlock {
   std::int64_t dst_stride;
 };
 
+// Copies of at least this many bytes in all use streaming stores in the automatic mode: they are far
+// larger than the last-level cache, so caching the destination only costs a read per written line.
+constexpr std::size_t kStreamingThresholdBytes = std::size_t{64} << 20;
+
 // Executes all blocks with `num_threads` threads (0 = hardware concurrency). Thread-safe.
+// streaming: 1 = non-temporal stores, 0 = memcpy, -1 = automatic (by total size).
 void strided_copy(const CopyBlock* blocks, std::size_t n_blocks, std::size_t num_threads,
-                  std::size_t chunk_bytes);
+                  std::size_t chunk_bytes, int streaming = -1);
 
 }  // namespace k15

@@ -1,6 +1,7 @@
 #include "thread_pool.h"
 
 #include <algorithm>
+#include <map>
 #include <memory>
 
 namespace k15 {
@@ -93,10 +94,13 @@ void ThreadPool::parallel_for(std::size_t n, const std::function<void(std::size_
 
 ThreadPool& ThreadPool::global(std::size_t num_threads) {
   static std::mutex global_mu;
-  static std::unique_ptr<ThreadPool> pool;
+  // One pool per size, never destroyed: a caller may still be running on a pool of another size (e.g. a
+  // reshard on all cores while the checkpoint engine packs on half of them), so none may be replaced.
+  static std::map<std::size_t, std::unique_ptr<ThreadPool>> pools;
   if (num_threads == 0) num_threads = std::max<std::size_t>(1, std::thread::hardware_concurrency());
   std::lock_guard<std::mutex> lock(global_mu);
-  if (!pool || pool->size() != num_threads) pool = std::make_unique<ThreadPool>(num_threads);
+  auto& pool = pools[num_threads];
+  if (!pool) pool = std::make_unique<ThreadPool>(num_threads);
   return *pool;
 }
 

@@ -25,7 +25,8 @@ class ThreadPool {
   // The first exception thrown by a task is rethrown on the calling thread.
   void parallel_for(std::size_t n, const std::function<void(std::size_t)>& fn);
 
-  // The process-wide pool, (re)sized on demand. num_threads == 0 means hardware concurrency.
+  // The process-wide pool of this size, created on first use and kept for the process's lifetime (one per
+  // distinct size, so callers of different sizes never invalidate each other). 0 = hardware concurrency.
   static ThreadPool& global(std::size_t num_threads);
 
  private:

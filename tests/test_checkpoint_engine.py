@@ -1,4 +1,8 @@
-"""CheckpointEngine over gloo on the CPU: exact bytes, versions, verify, and failures (paper 2.6.3)."""
+"""CheckpointEngine over gloo on the CPU: exact bytes, versions, verify, refusals and failures (paper 2.6.3).
+
+Each test spawns 3-4 gloo ranks (8 s group timeout). Receivers use both modes: staged (``load_fn``) and in
+place (``targets``); "nothing applied" is checked byte for byte on the in-place targets.
+"""
 from __future__ import annotations
 
 import datetime
@@ -12,9 +16,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+import k15sys.weights.checkpoint_engine as ce
 from k15sys.weights import CheckpointEngine, WeightSyncError
 
 pytestmark = pytest.mark.distributed
+TIMEOUT_S = 8
 
 
 def _free_port() -> int:
@@ -23,63 +29,112 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _tensors(version: int) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(version)
-    return {
+def _tensors(version: int, part: int = 0) -> dict[str, torch.Tensor]:
+    """Version ``version`` of the weights; ``part`` picks a disjoint name set (one per source)."""
+    g = torch.Generator().manual_seed(100 * part + version)
+    out = {
         "embed": torch.randn(37, 19, generator=g).to(torch.bfloat16),
         "norm": torch.randn(19, generator=g),
         "ids": torch.randint(0, 10**12, (5, 3), generator=g),
-        "big": torch.randn(300, 41, generator=g).half(),
+        "big": torch.randn(300, 41, generator=g).half(),  # larger than a bucket
         "scalar": torch.tensor(float(version)),
     }
+    return {f"p{part}.{k}": v for k, v in out.items()}
+
+
+def _same(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> bool:
+    return got.keys() == want.keys() and all(got[k].dtype == want[k].dtype and torch.equal(got[k], want[k])
+                                             for k in want)
 
 
 def _worker(rank: int, world: int, port: int, out_dir: str, scenario: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=8))
-    eng = CheckpointEngine(bucket_bytes=4096, verify=scenario in ("verify", "corrupt"))
+                            timeout=datetime.timedelta(seconds=TIMEOUT_S))
+    sources = [0, 1] if scenario == "multi" else [0]
+    parts = range(len(sources))
+    eng = CheckpointEngine(src=sources if len(sources) > 1 else 0, bucket_bytes=4096, verify=scenario != "multi")
+    log: dict = {"errors": [], "applied": [], "exact": []}
+    if rank == 0:
+        for bad in ([7], [0, 0], list(range(world))):
+            try:
+                CheckpointEngine(src=bad)
+            except ValueError:
+                log["bad_src_rejected"] = log.get("bad_src_rejected", 0) + 1
+    in_place = rank == world - 1  # the last rank receives in place, the others staged
+    targets = {k: torch.zeros_like(v) for p in parts for k, v in _tensors(0, p).items()}
     applied: dict[int, dict] = {}
-    log = {"errors": [], "applied": []}
-
-    current = {"v": None}
+    current = {"v": 0}
 
     def load_fn(named):
         applied[current["v"]] = {n: t.clone() for n, t in named}
-        log["applied"].append(sorted(n for n, _ in named))
+        log["applied"].append(current["v"])
 
-    if scenario == "corrupt" and rank == 2:
-        orig = eng._receive
-
-        def bad_receive(sizes):
-            bufs = orig(sizes)
-            bufs[-1][0] ^= 1
-            return bufs
-
-        eng._receive = bad_receive
-    for v in (1, 2):
-        if scenario == "dead" and v == 2 and rank == 2:
-            os._exit(0)  # a receiver dies before version 2
+    versions = {"good": [1, 2, 3, 4, 5], "src_dies": [1, 2], "receiver_dies": [1, 2], "multi": [1, 2]}[scenario]
+    for v in versions:
         current["v"] = v
+        if scenario == "receiver_dies" and v == 2 and rank == 2:
+            os._exit(0)  # a receiver dies before version 2
+        if scenario == "src_dies" and v == 2 and rank == 0:
+            sent = {"n": 0}
+            real = dist.broadcast
+
+            def dying_broadcast(*args, **kwargs):
+                sent["n"] += 1
+                if sent["n"] == 3:  # buckets 0 and 1 went out; the trainer dies before the last one
+                    time.sleep(0.5)
+                    os._exit(0)
+                work = real(*args, **kwargs)
+                work.wait()
+                return work
+
+            dist.broadcast = dying_broadcast
+        if scenario == "good" and v == 4 and rank == 2:
+            real_digest, seen = ce._digest, {"n": 0}
+
+            def corrupting_digest(buf):
+                seen["n"] += 1
+                if seen["n"] == 2:
+                    buf[0] ^= 1  # a bit flips in the second received bucket
+                return real_digest(buf)
+
+            ce._digest = corrupting_digest
+        before = {k: t.clone() for k, t in targets.items()}
         t0 = time.monotonic()
         try:
-            if rank == 0:
-                eng.update(v, named_tensors=_tensors(v))
+            if rank in sources:
+                eng.update(v, named_tensors=_tensors(v, sources.index(rank)))
+            elif in_place:
+                tg = targets
+                if scenario == "good" and v == 3:  # this receiver cannot take the version: all refuse it
+                    tg = {k: t for k, t in targets.items() if k != "p0.norm"}
+                eng.update(v, targets=tg)
+                log["applied"].append(v)
+                log["exact"].append(_same(targets, {k: t for p in parts for k, t in _tensors(v, p).items()}))
             else:
                 eng.update(v, load_fn=load_fn)
-                got = applied[v]
-                want = _tensors(v)
-                log.setdefault("exact", []).append(all(got[k].dtype == want[k].dtype and torch.equal(got[k], want[k])
-                                                       for k in want) and got.keys() == want.keys())
+                log["exact"].append(_same(applied[v], {k: t for p in parts for k, t in _tensors(v, p).items()}))
         except WeightSyncError as e:
             log["errors"].append({"version": v, "msg": str(e)[:300], "seconds": time.monotonic() - t0})
+            if in_place:
+                log.setdefault("untouched", []).append(_same(targets, before))
+        if scenario == "good" and v == 4 and rank == 2:
+            ce._digest = real_digest
         log["version"] = eng.version
+    if scenario == "good" and rank == 1:  # caller errors are raised locally, before any collective
+        bad_calls = ({"version": 5, "load_fn": load_fn}, {"version": 6},
+                     {"version": 6, "load_fn": load_fn, "targets": targets})
+        for kwargs in bad_calls:
+            try:
+                eng.update(**kwargs)
+            except ValueError as e:
+                log.setdefault("bad_calls", []).append(str(e).split(":")[0])
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(log, f)
-    if scenario != "dead":
+    if scenario in ("good", "multi"):
         dist.destroy_process_group()
 
 
-def _run(tmp_path, scenario: str, world: int = 3) -> list[dict]:
+def _run(tmp_path, scenario: str, world: int = 3) -> list[dict | None]:
     ctx = mp.get_context("spawn")
     port = _free_port()
     procs = [ctx.Process(target=_worker, args=(r, world, port, str(tmp_path), scenario)) for r in range(world)]
@@ -87,9 +142,10 @@ def _run(tmp_path, scenario: str, world: int = 3) -> list[dict]:
         p.start()
     for p in procs:
         p.join(90)
-        assert not p.is_alive(), "a rank hung"
-        if p.is_alive():
-            p.kill()
+    hung = [p for p in procs if p.is_alive()]
+    for p in hung:
+        p.kill()
+    assert not hung, "a rank hung"
     logs = []
     for r in range(world):
         path = tmp_path / f"rank{r}.json"
@@ -97,32 +153,51 @@ def _run(tmp_path, scenario: str, world: int = 3) -> list[dict]:
     return logs
 
 
-@pytest.mark.parametrize("scenario", ["plain", "verify"])
-def test_exact_bytes_and_versions(tmp_path, scenario):
-    logs = _run(tmp_path, scenario)
+def test_versions_exact_bytes_refusal_and_corruption(tmp_path):
+    """v1, v2 exact on a staged and an in-place receiver; v3 refused (a target is missing); v4 corrupted in
+    flight (verify catches it); v5 exact again. Failed versions are errors on every rank, applied nowhere."""
+    logs = _run(tmp_path, "good")
+    assert logs[0]["bad_src_rejected"] == 3
+    assert logs[1]["bad_calls"] == ["version", "load_fn/targets", "load_fn/targets"]
+    for r, log in enumerate(logs):
+        assert [e["version"] for e in log["errors"]] == [3, 4], (r, log["errors"])
+        assert log["version"] == 5
+        assert all(e["seconds"] < TIMEOUT_S for e in log["errors"])  # refusals are fast, not timeouts
+        assert "refused" in log["errors"][0]["msg"] and "checksum" in log["errors"][1]["msg"]
+    assert "'p0.norm'" in logs[2]["errors"][0]["msg"]  # the refusing rank names the tensor
     for log in logs[1:]:
-        assert log["errors"] == [] and log["exact"] == [True, True] and log["version"] == 2
-    assert logs[0]["version"] == 2
+        assert log["applied"] == [1, 2, 5] and log["exact"] == [True, True, True]
+    assert logs[2]["untouched"] == [True, True]  # the corrupted bytes were written in place, then rolled back
 
 
-def test_corrupted_bucket_applies_nothing_anywhere(tmp_path):
-    logs = _run(tmp_path, "corrupt")
-    for log in logs:
-        assert [e["version"] for e in log["errors"]] == [1, 2]
-        assert "checksum" in log["errors"][0]["msg"]
-        assert log["version"] == -1
-    assert all(log["applied"] == [] for log in logs[1:])
+def test_source_dying_mid_transfer_leaves_old_version(tmp_path):
+    logs = _run(tmp_path, "src_dies")
+    assert logs[0] is None
+    for log in logs[1:]:
+        assert log["version"] == 1 and log["applied"] == [1] and log["exact"] == [True]
+        assert [e["version"] for e in log["errors"]] == [2]
+        assert "weight version 2 failed" in log["errors"][0]["msg"]
+        assert log["errors"][0]["seconds"] < 3 * TIMEOUT_S
+    assert logs[2]["untouched"] == [True]  # in-place receiver: buckets already written were restored
 
 
 def test_dead_receiver_is_a_clear_error_on_live_ranks(tmp_path):
-    logs = _run(tmp_path, "dead")
+    logs = _run(tmp_path, "receiver_dies")
     assert logs[2] is None  # the dead rank wrote nothing
     for log in (logs[0], logs[1]):
         assert log["version"] == 1  # version 1 applied, version 2 not
-        assert len(log["errors"]) == 1 and log["errors"][0]["version"] == 2
+        assert [e["version"] for e in log["errors"]] == [2]
         assert "weight version 2 failed" in log["errors"][0]["msg"]
-        assert log["errors"][0]["seconds"] < 30
-    assert len(logs[1]["applied"]) == 1
+        assert log["errors"][0]["seconds"] < 3 * TIMEOUT_S
+    assert logs[1]["applied"] == [1]
+
+
+def test_several_sources_each_send_their_own_tensors(tmp_path):
+    logs = _run(tmp_path, "multi", world=4)
+    for log in logs:
+        assert log["errors"] == [] and log["version"] == 2
+    for log in logs[2:]:  # rank 2 staged, rank 3 in place: both get the union of both sources' tensors
+        assert log["exact"] == [True, True]
 
 
 def _ipc_worker(rank: int, port: int, out_dir: str) -> None:
@@ -136,10 +211,8 @@ def _ipc_worker(rank: int, port: int, out_dir: str) -> None:
         eng.update(1, named_tensors=src)
     else:
         eng.update(1, load_fn=lambda named: got.update({n: t.clone().cpu() for n, t in named}))
-        want = _tensors(3)
-        ok = got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
         with open(os.path.join(out_dir, "ipc.json"), "w") as f:
-            json.dump({"exact": ok, "version": eng.version}, f)
+            json.dump({"exact": _same(got, _tensors(3)), "version": eng.version}, f)
     dist.destroy_process_group()
 
 
@@ -154,3 +227,44 @@ def test_colocated_cuda_ipc(tmp_path):
         p.join(120)
     assert all(p.exitcode == 0 for p in procs)
     assert json.loads((tmp_path / "ipc.json").read_text()) == {"exact": True, "version": 1}
+
+
+def _cuda_worker(rank: int, port: int, out_dir: str) -> None:
+    """Both processes on GPU 0 with gloo moving CUDA buckets: the engine's device paths (GPU-resident, pinned
+    and pageable host sources, device checksums, in-place unpacking on the GPU) without needing two GPUs."""
+    torch.cuda.set_device(0)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=60))
+    eng = CheckpointEngine(device="cuda", bucket_bytes=4096, verify=True)
+    results = []
+    targets = {k: torch.zeros_like(v, device="cuda") for k, v in _tensors(0).items()}
+    for v, where in ((1, "gpu"), (2, "pinned"), (3, "pageable"), (4, "gpu"), (5, "pinned"), (6, "pageable")):
+        want = _tensors(v)
+        if rank == 0:
+            place = {"gpu": torch.Tensor.cuda, "pinned": torch.Tensor.pin_memory, "pageable": torch.Tensor.clone}
+            src = {k: place[where](t) for k, t in want.items()}
+            eng.update(v, named_tensors=src)
+        elif v <= 3:
+            got = {}
+            eng.update(v, load_fn=lambda named: got.update({n: t.cpu() for n, t in named}))
+            results.append(_same(got, want))
+        else:
+            eng.update(v, targets=targets)
+            results.append(_same({k: t.cpu() for k, t in targets.items()}, want))
+    if rank == 1:
+        with open(os.path.join(out_dir, "cuda.json"), "w") as f:
+            json.dump(results, f)
+    dist.destroy_process_group()
+
+
+@pytest.mark.gpu
+def test_cuda_buckets_staged_and_in_place(tmp_path):
+    ctx = mp.get_context("spawn")
+    port = _free_port()
+    procs = [ctx.Process(target=_cuda_worker, args=(r, port, str(tmp_path))) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert all(p.exitcode == 0 for p in procs)
+    assert json.loads((tmp_path / "cuda.json").read_text()) == [True] * 6

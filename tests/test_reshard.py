@@ -111,6 +111,61 @@ def test_llama_without_bias_and_fp32():
     assert all(torch.equal(vl.unshard(shards)[k], sd[k]) for k in sd)
 
 
+def test_llama_attention_and_mlp_biases():
+    """Llama's optional biases: o_proj/down_proj ones replicated on every rank, gate/up ones fused like rows."""
+    cfg = LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, attention_bias=True, mlp_bias=True)
+    sd = random_state(cfg, dtype=torch.float32)
+    p = "model.layers.0."
+    assert {p + "self_attn.o_proj.bias", p + "mlp.gate_proj.bias", p + "mlp.down_proj.bias"} <= sd.keys()
+    mg, vl = ModelLayout.megatron(cfg, 2), ModelLayout.vllm(cfg, 4)
+    got = plan_reshard(mg, vl).execute(mg.shard(sd))
+    for r, shard in enumerate(got):
+        assert torch.equal(shard[p + "self_attn.o_proj.bias"], sd[p + "self_attn.o_proj.bias"])
+        assert torch.equal(shard[p + "mlp.down_proj.bias"], sd[p + "mlp.down_proj.bias"])
+        gate_up = [sd[p + f"mlp.{n}_proj.bias"][r * 16:(r + 1) * 16] for n in ("gate", "up")]
+        assert torch.equal(shard[p + "mlp.gate_up_proj.bias"], torch.cat(gate_up))
+    for layout in (mg, vl, ModelLayout.fsdp(cfg, 3)):
+        assert all(torch.equal(layout.unshard(layout.shard(sd))[k], sd[k]) for k in sd)
+
+
+def test_vllm_divisibility_rules():
+    """vLLM divides num_kv_heads by tp (tp <= kv heads) and the 64-padded vocabulary by tp."""
+    cfg = LlamaConfig(vocab_size=190, hidden_size=48, intermediate_size=96, num_hidden_layers=1,
+                      num_attention_heads=12, num_key_value_heads=6)
+    with pytest.raises(ValueError, match="num_key_value_heads=6"):
+        ModelLayout.vllm(cfg, 4)  # 12 heads split, but 6 kv heads do not split over 4 ranks
+    vl = ModelLayout.vllm(cfg, 3)  # 190 -> 192 rows, 64 per rank
+    assert [r["model.embed_tokens.weight"] for r in vl.shapes()] == [(64, 48)] * 3
+    sd = random_state(cfg, dtype=torch.float32)
+    assert all(torch.equal(vl.unshard(vl.shard(sd))[k], sd[k]) for k in sd)
+    with pytest.raises(ValueError, match="padded vocabulary 256"):
+        ModelLayout.vllm(LlamaConfig(vocab_size=200, hidden_size=48, intermediate_size=96, num_hidden_layers=1,
+                                     num_attention_heads=12, num_key_value_heads=6), 3)
+
+
+def test_push_weights_single_process():
+    from transformers import Qwen2ForCausalLM
+
+    from k15sys.rollout import TorchEngine
+    from k15sys.weights import push_weights
+
+    cfg = qwen(tie=True)
+    engine = TorchEngine(Qwen2ForCausalLM(cfg).float(), repeat_detector=None)
+    sd = random_state(cfg, dtype=torch.float32, seed=3)
+    mg = ModelLayout.megatron(cfg, 2)
+    nbytes = push_weights(engine, mg.shard(sd), layout=mg)
+    own = dict(engine.model.named_parameters())
+    assert nbytes == sum(t.numel() * 4 for t in sd.values()) and engine.weight_version == 1
+    assert own.keys() == sd.keys() and all(torch.equal(own[k], sd[k]) for k in sd)
+    push_weights(engine, {k: -v for k, v in sd.items()})
+    assert torch.equal(own["model.norm.weight"], -sd["model.norm.weight"])
+    with pytest.raises(ValueError, match="layout="):
+        push_weights(engine, mg.shard(sd))
+    with pytest.raises(ValueError, match="engine"):
+        push_weights(object(), sd)
+
+
 def test_bad_specs_are_clear_errors():
     cfg = qwen()
     with pytest.raises(ValueError, match="num_attention_heads"):
@@ -140,12 +195,41 @@ def test_bad_specs_are_clear_errors():
         plan_reshard(fs, ModelLayout.vllm(qwen(V=2000), 2))
 
 
+@pytest.mark.parametrize("a, b", [(("megatron", 2), ("vllm", 4)), (("fsdp", 3), ("vllm", 8)),
+                                  (("vllm", 2), ("megatron", 2))])
+def test_device_path_logic_on_cpu_tensors(a, b):
+    """The device path's copies (batched contiguous ranges + strided column splits), run on CPU tensors,
+    equal the C++ path: its logic is checked here, its speed on the GPU."""
+    cfg = qwen(V=1001)
+    A, B = make(*a, cfg), make(*b, cfg)
+    plan = plan_reshard(A, B)
+    src = A.shard(random_state(cfg))
+    want = plan.execute(src)
+    out = [{k: torch.full_like(v, 3.0) for k, v in r.items()} for r in want]
+    for dr, ti in plan.zero_fill:
+        list(out[dr].values())[ti].zero_()
+    plan._device_copies([list(r.values()) for r in src], [list(r.values()) for r in out])
+    assert 0 < int(plan._flat.sum()) <= plan.num_copies
+    assert all(torch.equal(w[k], o[k]) for w, o in zip(want, out) for k in w)
+
+
 @pytest.mark.gpu
 def test_gpu_path_matches_host():
     cfg = qwen()
     sd = random_state(cfg)
     mg, vl = ModelLayout.megatron(cfg, 2), ModelLayout.vllm(cfg, 4)
     host = plan_reshard(mg, vl).execute(mg.shard(sd))
-    dev = plan_reshard(mg, vl).execute([{k: v.cuda() for k, v in r.items()} for r in mg.shard(sd)])
+    plan = plan_reshard(mg, vl)
+    src = [{k: v.cuda() for k, v in r.items()} for r in mg.shard(sd)]
+    dev = plan.execute(src)
     torch.cuda.synchronize()
     assert all(torch.equal(h[k], d[k].cpu()) for h, d in zip(host, dev) for k in h)
+    out = [{k: torch.full_like(v, 5.0) for k, v in r.items()} for r in dev]
+    for scale in (1.0, -2.0):  # captured on the first call, replayed on the second with new source values
+        for r in src:
+            for v in r.values():
+                v.mul_(scale)
+        plan.execute_into(src, out, cuda_graph=True)
+        torch.cuda.synchronize()
+        want = plan_reshard(mg, vl).execute([{k: v.cpu() for k, v in r.items()} for r in src])
+        assert all(torch.equal(w[k], o[k].cpu()) for w, o in zip(want, out) for k in w)

@@ -1,7 +1,8 @@
 """Rollout engines and partial rollouts with a replay buffer (paper 2.6.2).
 
 - :class:`SamplingParams`, :class:`Completion` -- the user-facing types
-- :class:`RolloutEngine` -- the protocol; :class:`TorchEngine` -- the transformers-based default
+- :class:`RolloutEngine` -- the protocol; :class:`TorchEngine` -- the transformers-based default;
+  :class:`VLLMEngine` -- vLLM's offline LLM (optional extra ``[vllm]``, imported only when constructed)
 - :class:`PartialRolloutScheduler`, :class:`ReplayBuffer`, :class:`Trajectory`, :class:`Group`
 """
 from k15sys.rollout.engine import RolloutEngine
@@ -9,6 +10,7 @@ from k15sys.rollout.partial import IterationStats, PartialRolloutScheduler
 from k15sys.rollout.replay_buffer import Group, ReplayBuffer, Segment, Trajectory
 from k15sys.rollout.torch_engine import TorchEngine
 from k15sys.rollout.types import Completion, SamplingParams
+from k15sys.rollout.vllm_engine import VLLMEngine
 
 __all__ = [
     "Completion",
@@ -21,4 +23,5 @@ __all__ = [
     "Segment",
     "TorchEngine",
     "Trajectory",
+    "VLLMEngine",
 ]

@@ -13,13 +13,23 @@ from k15sys.rollout.types import Completion, SamplingParams
 class RolloutEngine(Protocol):
     """Generates segments, takes new weights, and frees / retakes its memory.
 
-    Continuing a trajectory is generating from ``prompt + tokens so far``.
+    Implemented by :class:`~k15sys.rollout.TorchEngine` (transformers, the default) and
+    :class:`~k15sys.rollout.VLLMEngine`; any object with these four methods works with the scheduler.
     """
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]: ...
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
+        """One completion per prompt, in order. Continuing a trajectory is generating from
+        ``prompt + tokens so far``: under greedy decoding, 8 tokens then 12 more equal 20 in one go."""
+        ...
 
-    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None: ...
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Load new weights given as (HF name, tensor) pairs; never called during :meth:`generate`."""
+        ...
 
-    def sleep(self) -> None: ...
+    def sleep(self) -> None:
+        """Free accelerator memory (weights, KV cache) for a colocated trainer."""
+        ...
 
-    def wake(self) -> None: ...
+    def wake(self) -> None:
+        """Retake the memory freed by :meth:`sleep`; :meth:`generate` works again."""
+        ...

@@ -2,7 +2,9 @@
 
 Works on the CPU (the main job and tests use it) and on a GPU. Prompts of a batch are left-padded;
 position ids follow the attention mask, so padding changes nothing. Each sequence stops on its own
-(a stop token, its token budget, or a repeat loop found by ``k15sys.algo.RepeatDetector``).
+(a stop token, its token budget, or a repeat loop found by ``k15sys.algo.RepeatDetector``) and then
+leaves the batch and the KV cache. Several threads may call :meth:`TorchEngine.generate` at once
+(inference only reads the weights); ``update_weights`` must not overlap a generation.
 """
 from __future__ import annotations
 
@@ -25,14 +27,14 @@ def _filtered_logprobs(logits: torch.Tensor, params: SamplingParams) -> torch.Te
     if params.top_p < 1.0:
         sorted_z, order = torch.sort(z, dim=-1, descending=True)
         probs = torch.softmax(sorted_z, dim=-1)
-        drop = probs.cumsum(-1) - probs > params.top_p  # keep the smallest prefix with mass >= top_p
+        drop = probs.cumsum(-1) - probs >= params.top_p  # keep the smallest prefix with mass >= top_p
         sorted_z = sorted_z.masked_fill(drop, float("-inf"))
         z = torch.full_like(z, float("-inf")).scatter(-1, order, sorted_z)
     return torch.log_softmax(z, dim=-1)
 
 
 class TorchEngine:
-    """Rollout engine over a transformers causal LM.
+    """Rollout engine over a transformers causal LM (the default engine of paper 2.6.2's rollouts).
 
     Args:
         model: e.g. ``Qwen2ForCausalLM`` (any model whose forward takes input_ids, attention_mask,
@@ -59,18 +61,28 @@ class TorchEngine:
         self._vocab = model.get_output_embeddings().weight.shape[0]
 
     # ------------------------------------------------------------------ generation
-    @torch.no_grad()
-    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
+    def _check_prompts(self, prompts: list[list[int]]) -> None:
         if self._asleep:
             raise RuntimeError("generate: the engine is asleep; call wake() first")
-        if not prompts:
-            return []
+        if not isinstance(prompts, (list, tuple)):
+            raise ValueError(f"prompts: expected a list of token-id lists, got {type(prompts).__name__}")
         for i, p in enumerate(prompts):
             if len(p) == 0:
                 raise ValueError(f"prompts[{i}]: empty prompt")
             bad = [t for t in p if not 0 <= t < self._vocab]
             if bad:
                 raise ValueError(f"prompts[{i}]: token ids {bad[:5]} outside the vocabulary [0, {self._vocab})")
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
+        """Sample up to ``params.max_new_tokens`` tokens after each prompt (paper 2.6.2 rollouts).
+
+        Sequences leave the batch (and the KV cache) as soon as they stop, so the long tail of a batch
+        decodes only the sequences still running.
+        """
+        self._check_prompts(prompts)
+        if not prompts:
+            return []
         gen = None
         if params.seed is not None:
             gen = torch.Generator(device=self.device).manual_seed(params.seed)
@@ -83,35 +95,42 @@ class TorchEngine:
         pos = (mask.cumsum(-1) - 1).clamp_min(0)
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
         past, logits = out.past_key_values, out.logits[:, -1]
+        prunable = hasattr(past, "batch_select_indices")
         tokens: list[list[int]] = [[] for _ in range(B)]
         logps: list[list[float]] = [[] for _ in range(B)]
         reasons: list[str | None] = [None] * B
         detectors = [self.repeat_detector() if self.repeat_detector else None for _ in range(B)]
         stops = set(params.stop_token_ids)
+        rows = list(range(B))  # batch row -> prompt index (rows of stopped sequences are dropped)
         next_pos = pos[:, -1]
         for step in range(params.max_new_tokens):
-            lp = _filtered_logprobs(logits, params)
             if params.temperature == 0:
                 nxt = logits.argmax(-1)
                 lp = torch.log_softmax(logits.float(), -1)
             else:
+                lp = _filtered_logprobs(logits, params)
                 nxt = torch.multinomial(lp.exp(), 1, generator=gen).squeeze(-1)
-            chosen = lp.gather(-1, nxt[:, None]).squeeze(-1)
-            for i in range(B):
-                if reasons[i] is not None:
+            chosen = lp.gather(-1, nxt[:, None]).squeeze(-1).tolist()
+            keep = []
+            for r, (i, t) in enumerate(zip(rows, nxt.tolist())):
+                if reasons[i] is not None:  # only when the cache cannot drop rows
                     continue
-                t = int(nxt[i])
                 tokens[i].append(t)
-                logps[i].append(float(chosen[i]))
+                logps[i].append(chosen[r])
                 if t in stops:
                     reasons[i] = "stop"
                 elif detectors[i] is not None and detectors[i].push(t):
                     reasons[i] = "repeat"
-            if all(r is not None for r in reasons) or step == params.max_new_tokens - 1:
+                else:
+                    keep.append(r)
+            if not keep or step == params.max_new_tokens - 1:
                 break
-            nxt = torch.where(torch.tensor([r is None for r in reasons], device=self.device), nxt,
-                              torch.full_like(nxt, self.pad_token_id))
-            mask = torch.cat([mask, torch.ones((B, 1), dtype=mask.dtype, device=self.device)], dim=1)
+            if prunable and len(keep) < len(rows):
+                sel = torch.tensor(keep, device=self.device)
+                past.batch_select_indices(sel)
+                mask, next_pos, nxt = mask[sel], next_pos[sel], nxt[sel]
+                rows = [rows[r] for r in keep]
+            mask = torch.cat([mask, torch.ones((len(rows), 1), dtype=mask.dtype, device=self.device)], dim=1)
             next_pos = next_pos + 1
             out = self.model(input_ids=nxt[:, None], attention_mask=mask, position_ids=next_pos[:, None],
                              past_key_values=past, use_cache=True)

@@ -1,7 +1,7 @@
 """User-facing rollout types (paper 2.6.2): sampling parameters and completions."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Literal
 
 FinishReason = Literal["stop", "length", "repeat"]
@@ -32,10 +32,13 @@ class SamplingParams:
             raise ValueError(f"top_p: must be in (0, 1], got {self.top_p!r}")
         if self.top_k < 0:
             raise ValueError(f"top_k: must be >= 0, got {self.top_k!r}")
+        if self.seed is not None and not (isinstance(self.seed, int) and self.seed >= 0):
+            raise ValueError(f"seed: must be None or an int >= 0, got {self.seed!r}")
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
 
-    def with_budget(self, max_new_tokens: int) -> "SamplingParams":
-        return replace(self, max_new_tokens=max_new_tokens)
+    def with_budget(self, max_new_tokens: int, seed: int | None = None) -> "SamplingParams":
+        """A copy with another ``max_new_tokens`` (and ``seed``, when given)."""
+        return replace(self, max_new_tokens=max_new_tokens, seed=self.seed if seed is None else seed)
 
 
 @dataclass
@@ -46,4 +49,3 @@ class Completion:
     token_ids: list[int]
     logprobs: list[float]
     finish_reason: FinishReason
-    extra: dict = field(default_factory=dict)

@@ -1,29 +1,39 @@
-"""Checkpoint engine: move a named set of tensors from a trainer rank to inference ranks (paper 2.6.3).
+"""Checkpoint engine: move named tensors from trainer ranks to inference ranks (paper 2.6.3).
 
 One call per weight version, on every rank of a ``torch.distributed`` group (NCCL on GPUs, gloo on CPU):
 
-* the source rank packs the tensors into buckets of ``bucket_bytes`` and broadcasts them, double-buffered:
-  bucket i+1 is packed (or copied host-to-device from pinned memory) while bucket i is in flight;
-* receivers stage every bucket, optionally verify a checksum per bucket, and take part in a final vote;
-  only when every rank has the whole version intact do they hand the tensors to ``load_fn`` (e.g. a vLLM
-  model's ``load_weights`` or ``TorchEngine.update_weights``). So a receiver applies a whole version or
-  keeps the old one;
-* any failure (a dead peer, a timeout, a bad checksum) raises :class:`WeightSyncError` on every live
-  rank, within the group's timeout, with nothing applied;
-* colocated mode (``colocated=True``, trainer and engine processes on the same GPU): no bytes move; the
-  source sends CUDA IPC handles of its tensors and receivers hand zero-copy views of them to ``load_fn``.
-  The source waits until every receiver has loaded before it returns (its memory must stay untouched).
+* each source rank (``src``: one rank or several, e.g. trainer TP ranks each holding their own shards)
+  broadcasts a header (names, shapes, dtypes, bucket offsets), then packs its tensors into buckets of
+  ``bucket_bytes`` and broadcasts them double-buffered: bucket i+1 is packed (or copied host-to-device
+  straight from pinned memory) while bucket i is in flight;
+* receivers take a version in one of two ways, both all-or-nothing:
+
+  - staged (``load_fn``): every bucket lands in fresh staging memory; after a unanimous commit vote the
+    tensors (views of the staging buckets, owned by the receiver from then on, never reused by the engine)
+    go to ``load_fn`` -- e.g. a vLLM model's ``load_weights`` or ``TorchEngine.update_weights``;
+  - in place (``targets``: the receiver's own tensors by name, e.g. vLLM's parameters, which carry the names
+    of :meth:`ModelLayout.vllm`): bucket i is unpacked into the targets while bucket i+1 is in flight, after
+    saving the old bytes in a backup; a failed vote or transfer restores them. No copy after the vote;
+
+* a dead peer, a timeout (the process group's) or a bad checksum (``verify=True``) raises
+  :class:`WeightSyncError` on every live rank, and no rank keeps any byte of that version;
+* colocated mode (``colocated=True``, trainer and engine processes on the same GPU): no bytes move; sources
+  send CUDA IPC handles of their tensors and receivers hand zero-copy views to ``load_fn``. Sources wait
+  until every receiver has loaded before they return (their memory must stay untouched until then).
 """
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
+from k15sys.weights.hostcopy import copy_bytes, default_copy_threads
+
 LoadFn = Callable[[list[tuple[str, torch.Tensor]]], None]
+_CHECKSUM_CHUNK = 1 << 24  # int32 words per device checksum step (64 MiB)
 
 
 class WeightSyncError(RuntimeError):
@@ -41,6 +51,7 @@ class _Entry:
 
 
 def _plan_buckets(tensors: dict[str, torch.Tensor], bucket_bytes: int) -> tuple[list[_Entry], list[int]]:
+    """Greedy packing in the given order; a tensor larger than a bucket gets a bucket of its own."""
     entries, sizes = [], []
     cur = 0
     for name, t in tensors.items():
@@ -48,39 +59,131 @@ def _plan_buckets(tensors: dict[str, torch.Tensor], bucket_bytes: int) -> tuple[
         if cur and cur + nb > bucket_bytes:
             sizes.append(cur)
             cur = 0
-        pad = (-cur) % 16  # 16-byte aligned offsets keep every dtype view aligned
-        cur += pad
+        cur += (-cur) % 16  # 16-byte aligned offsets keep every dtype view aligned
         entries.append(_Entry(name, tuple(t.shape), str(t.dtype).replace("torch.", ""), len(sizes), cur, nb))
         cur += nb
-    sizes.append(cur)
+    if entries:
+        sizes.append(cur)
     return entries, sizes
 
 
-def _checksum(buf: torch.Tensor) -> str:
-    return hashlib.blake2b(buf.cpu().numpy().tobytes(), digest_size=16).hexdigest()
+def _digest(buf: torch.Tensor) -> str | torch.Tensor:
+    """Checksum of a bucket: blake2b on the host; on a device, position-weighted int64 sums (no host copy,
+    no sync: the result stays a device tensor until :func:`_resolve`)."""
+    if buf.device.type == "cpu":
+        return hashlib.blake2b(memoryview(buf.numpy()), digest_size=16).hexdigest()
+    n4 = buf.numel() // 4
+    words = buf[: n4 * 4].view(torch.int32)
+    acc = torch.zeros(2, dtype=torch.int64, device=buf.device)
+    for j in range(0, n4, _CHECKSUM_CHUNK):
+        w = words[j : j + _CHECKSUM_CHUNK].to(torch.int64)
+        acc[0] += w.sum()
+        acc[1] += (w * torch.arange(j + 1, j + 1 + w.numel(), device=buf.device)).sum()
+    acc[0] += buf[n4 * 4 :].to(torch.int64).sum()
+    return acc
+
+
+def _resolve(digests: list[str | torch.Tensor]) -> list[str | list[int]]:
+    return [d.tolist() if isinstance(d, torch.Tensor) else d for d in digests]
+
+
+def _bytes(t: torch.Tensor) -> torch.Tensor:
+    """The tensor's bytes as a flat uint8 view (a contiguous copy first if it is strided)."""
+    return t.detach().contiguous().reshape(-1).view(torch.uint8)
+
+
+def _by_bucket(entries: list[_Entry]) -> dict[int, list[_Entry]]:
+    out: dict[int, list[_Entry]] = {}
+    for e in entries:
+        out.setdefault(e.bucket, []).append(e)
+    return out
+
+
+def _copy(pairs: list[tuple[torch.Tensor, torch.Tensor]], threads: int) -> None:
+    """dst.copy_(src) for every pair: host pairs in the C++ pool, device ones as (async) device copies."""
+    host = [(d, s) for d, s in pairs if d.device.type == "cpu" and s.device.type == "cpu"]
+    copy_bytes(host, threads)
+    for d, s in pairs:
+        if d.device.type != "cpu" or s.device.type != "cpu":
+            d.copy_(s, non_blocking=True)
+
+
+class _InPlace:
+    """Receiver sink of the in-place mode: unpacks buckets into the targets, keeping the old bytes."""
+
+    def __init__(self, targets: dict[str, torch.Tensor], backup: torch.Tensor, threads: int) -> None:
+        self.targets = targets
+        self.backup = backup
+        self.threads = threads
+        self.saved: list[tuple[torch.Tensor, torch.Tensor]] = []  # (target bytes, their old bytes)
+        self.used = 0
+
+    def __call__(self, entries: list[_Entry], buf: torch.Tensor) -> None:
+        saves, unpacks = [], []
+        for e in entries:
+            dst = self.targets[e.name].view(-1).view(torch.uint8)
+            saves.append((self.backup[self.used : self.used + e.nbytes], dst))
+            unpacks.append((dst, buf[e.offset : e.offset + e.nbytes]))
+            self.used += e.nbytes
+        _copy(saves, self.threads)
+        self.saved += [(dst, old) for old, dst in saves]
+        _copy(unpacks, self.threads)
+
+    def rollback(self) -> None:
+        _copy(self.saved, self.threads)
+        self.saved = []
+
+
+def _check_targets(targets: dict[str, torch.Tensor], entries: list[_Entry], device: torch.device) -> str | None:
+    """Why ``targets`` cannot take this version (None when it can)."""
+    names = {e.name for e in entries}
+    missing = sorted(names - targets.keys())
+    if missing:
+        more = f" (+{len(missing) - 1} more)" if len(missing) > 1 else ""
+        return f"targets: no tensor for {missing[0]!r} sent by the source{more}"
+    extra = sorted(targets.keys() - names)
+    if extra:
+        return f"targets: {extra[0]!r} is not sent by the source"
+    for e in entries:
+        t = targets[e.name]
+        dtype = str(t.dtype).replace("torch.", "")
+        if tuple(t.shape) != e.shape or dtype != e.dtype:
+            return f"targets: {e.name!r} is {dtype}{list(t.shape)}, the source sends {e.dtype}{list(e.shape)}"
+        if not t.is_contiguous() or t.device.type != device.type:
+            return f"targets: {e.name!r} must be contiguous on {device.type}, got device {t.device}"
+    return None
 
 
 class CheckpointEngine:
-    """Versioned, bucketed, pipelined broadcast of named tensors from ``src`` to every other rank.
+    """Versioned, bucketed, pipelined broadcast of named tensors from the source rank(s) to every other rank.
 
     Args:
         group: the process group (default: the world).
-        src: global rank that holds the new weights.
+        src: global rank, or ranks, holding the new weights; with several, each sends its own tensors
+            (names must be distinct) and receivers get the union.
         bucket_bytes: bucket size.
         device: where buckets travel (``cuda`` for NCCL, ``cpu`` for gloo); default from the backend.
         verify: compute and check a checksum per bucket.
         colocated: share CUDA IPC handles instead of copying (source tensors must be on a CUDA device
             that the receivers can open, i.e. the same GPU or peer-accessible ones).
+        copy_threads: threads of the host copies (packing, in-place unpacking); default half the cores.
+
+    Failures are bounded by the process group's timeout (``init_process_group(timeout=...)``).
     """
 
-    def __init__(self, group: dist.ProcessGroup | None = None, *, src: int = 0, bucket_bytes: int = 256 << 20,
-                 device: str | torch.device | None = None, verify: bool = False, colocated: bool = False) -> None:
+    def __init__(self, group: dist.ProcessGroup | None = None, *, src: int | Sequence[int] = 0,
+                 bucket_bytes: int = 256 << 20, device: str | torch.device | None = None, verify: bool = False,
+                 colocated: bool = False, copy_threads: int | None = None) -> None:
         if not dist.is_initialized():
             raise ValueError("group: torch.distributed is not initialised (call init_process_group first)")
-        if bucket_bytes < 1 << 10:
-            raise ValueError(f"bucket_bytes: must be >= 1024, got {bucket_bytes!r}")
+        if not isinstance(bucket_bytes, int) or bucket_bytes < 1 << 10:
+            raise ValueError(f"bucket_bytes: must be an int >= 1024, got {bucket_bytes!r}")
+        sources = [src] if isinstance(src, int) else list(src)
+        ranks = set(dist.get_process_group_ranks(group)) if group is not None else set(range(dist.get_world_size()))
+        if not sources or len(set(sources)) != len(sources) or not set(sources) <= ranks or set(sources) == ranks:
+            raise ValueError(f"src: must be distinct ranks of the group leaving at least one receiver, got {src!r}")
         self.group = group
-        self.src = src
+        self.sources = sources
         self.bucket_bytes = bucket_bytes
         self.verify = verify
         backend = dist.get_backend(group)
@@ -88,72 +191,218 @@ class CheckpointEngine:
         self.rank = dist.get_rank()
         self.colocated = colocated
         self.version = -1  # last version applied on this rank
+        self.copy_threads = default_copy_threads() if copy_threads is None else copy_threads
+        if not isinstance(self.copy_threads, int) or self.copy_threads < 1:
+            raise ValueError(f"copy_threads: must be a positive int, got {copy_threads!r}")
+        self._ring: list[torch.Tensor] = []  # two reusable bucket buffers
+        self._pinned: list[torch.Tensor] = []  # two pinned host buffers (pageable host sources on a GPU)
+        self._backup: torch.Tensor | None = None  # old bytes of the in-place targets
 
     # ------------------------------------------------------------------ one version
     def update(self, version: int, named_tensors: dict[str, torch.Tensor] | None = None,
-               load_fn: LoadFn | None = None) -> int:
-        """Deliver ``version``. The source passes ``named_tensors``; receivers pass ``load_fn``.
+               load_fn: LoadFn | None = None, *, targets: dict[str, torch.Tensor] | None = None) -> int:
+        """Deliver ``version``. Sources pass ``named_tensors``; receivers pass ``load_fn`` or ``targets``.
 
         Returns the version now applied on this rank. Raises :class:`WeightSyncError` on every live rank
-        if the version could not be delivered; then nothing was applied anywhere.
+        if the version could not be delivered; then no rank keeps any of it.
         """
-        is_src = self.rank == self.src
-        if is_src and named_tensors is None:
-            raise ValueError("named_tensors: the source rank must pass the tensors to send")
-        if not is_src and load_fn is None:
-            raise ValueError("load_fn: a receiving rank must pass a load function")
-        if version <= self.version:
-            raise ValueError(f"version: {version} is not newer than the applied version {self.version}")
+        is_src = self.rank in self.sources
+        if is_src:
+            if not isinstance(named_tensors, dict):
+                raise ValueError("named_tensors: a source rank must pass a dict of the tensors to send")
+            bad = next((n for n, t in named_tensors.items() if not isinstance(t, torch.Tensor)), None)
+            if bad is not None:
+                raise ValueError(f"named_tensors: {bad!r} is a {type(named_tensors[bad]).__name__}, not a tensor")
+        if not is_src and (load_fn is None) == (targets is None):
+            raise ValueError("load_fn/targets: a receiving rank must pass exactly one of them")
+        if not isinstance(version, int) or version <= self.version:
+            raise ValueError(f"version: {version!r} is not newer than the applied version {self.version}")
         if self.colocated:
+            if targets is not None:
+                raise ValueError("targets: colocated mode hands views to load_fn; pass load_fn")
             return self._update_ipc(version, named_tensors, load_fn)
-        stage = "header"
+        stage, sink, staged = "header", None, []
         try:
-            header = [None]
-            if is_src:
-                entries, sizes = _plan_buckets(named_tensors, self.bucket_bytes)  # type: ignore[arg-type]
-                header = [(version, entries, sizes)]
-            dist.broadcast_object_list(header, src=self.src, group=self.group)
-            v, entries, sizes = header[0]  # type: ignore[misc]
-            if v != version:
-                raise WeightSyncError(f"version mismatch: source sends {v}, this rank expects {version}")
+            headers, reason = self._headers(version, named_tensors if is_src else None)
+            entries_all = [e for entries, _ in headers for e in entries]
+            if targets is not None and reason is None:
+                reason = _check_targets(targets, entries_all, self.device)
+                if reason is None:
+                    sink = _InPlace(targets, self._backup_buffer(sum(e.nbytes for e in entries_all)), self.copy_threads)
+            stage = "prepare"
+            if not self._vote(reason is None):
+                why = reason or "a receiver refused the header"
+                raise WeightSyncError(f"weight version {version} refused: {why}")
             stage = "buckets"
-            buckets = self._send(entries, sizes, named_tensors) if is_src else self._receive(sizes)
+            digests = []
+            for s, (entries, sizes) in zip(self.sources, headers):
+                if self.rank == s:
+                    digests.append(self._send(s, entries, sizes, named_tensors))  # type: ignore[arg-type]
+                else:
+                    keep = sink if sink is not None else (None if is_src else staged)
+                    digests.append(self._receive(s, entries, sizes, keep))
             stage = "verify"
             ok = True
             if self.verify:
-                sums = [[_checksum(b) for b in buckets]] if is_src else [None]
-                dist.broadcast_object_list(sums, src=self.src, group=self.group)
-                ok = is_src or sums[0] == [_checksum(b) for b in buckets]
+                for i, s in enumerate(self.sources):
+                    sums = [_resolve(digests[i])] if self.rank == s else [None]
+                    dist.broadcast_object_list(sums, src=s, group=self.group)
+                    ok &= self.rank == s or sums[0] == _resolve(digests[i])
             stage = "commit"
-            vote = torch.tensor([1 if ok else 0], dtype=torch.int32, device=self.device)
-            dist.all_reduce(vote, op=dist.ReduceOp.MIN, group=self.group)
-        except WeightSyncError:
-            raise
+            committed = self._vote(ok)
         except Exception as e:  # dead peer, timeout, transport error: same error on every live rank
+            if sink is not None:
+                sink.rollback()
+            if isinstance(e, WeightSyncError):
+                raise
             raise WeightSyncError(f"weight version {version} failed during {stage}: {type(e).__name__}: {e}") from e
-        if int(vote.item()) != 1:
+        if not committed:
+            if sink is not None:
+                sink.rollback()
             raise WeightSyncError(f"weight version {version}: checksum mismatch on some rank; nothing applied")
-        if not is_src:
-            load_fn(self._unpack(entries, buckets))  # type: ignore[misc]
+        if self.device.type == "cuda":
+            torch.cuda.current_stream().synchronize()
+        if load_fn is not None and not is_src:
+            load_fn([(e.name, buf[e.offset : e.offset + e.nbytes].view(getattr(torch, e.dtype)).view(e.shape))
+                     for e, buf in staged])
         self.version = version
         return version
+
+    def _headers(self, version: int,
+                 tensors: dict[str, torch.Tensor] | None) -> tuple[list[tuple[list[_Entry], list[int]]], str | None]:
+        """Every source's header, and why this rank refuses them (None when it accepts)."""
+        headers, reason = [], None
+        for s in self.sources:
+            mine = self.rank == s
+            msg = [(version, *_plan_buckets(tensors, self.bucket_bytes))] if mine else [None]  # type: ignore[arg-type]
+            dist.broadcast_object_list(msg, src=s, group=self.group)
+            v, entries, sizes = msg[0]  # type: ignore[misc]
+            if v != version:
+                reason = reason or f"source rank {s} sends version {v}, rank {self.rank} expects {version}"
+            headers.append((entries, sizes))
+        names = [e.name for entries, _ in headers for e in entries]
+        if len(set(names)) != len(names):
+            dup = next(n for n in names if names.count(n) > 1)
+            reason = reason or f"tensor {dup!r} is sent by more than one source"
+        return headers, reason
+
+    def _vote(self, ok: bool) -> bool:
+        flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.group)
+        return int(flag.item()) == 1
+
+    def _ring_buffers(self, cap: int) -> list[torch.Tensor]:
+        if not self._ring or self._ring[0].numel() < cap or self._ring[0].device.type != self.device.type:
+            self._ring = [torch.empty(cap, dtype=torch.uint8, device=self.device) for _ in range(2)]
+        return self._ring
+
+    def _pinned_buffers(self, cap: int) -> list[torch.Tensor]:
+        """Pinned host staging for pageable host sources (pinning is slow: kept across versions)."""
+        if not self._pinned or self._pinned[0].numel() < cap:
+            self._pinned = [torch.empty(cap, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
+        return self._pinned
+
+    def _backup_buffer(self, nbytes: int) -> torch.Tensor:
+        if self._backup is None or self._backup.numel() < nbytes or self._backup.device.type != self.device.type:
+            self._backup = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+        return self._backup
+
+    def _send(self, src: int, entries: list[_Entry], sizes: list[int],
+              tensors: dict[str, torch.Tensor]) -> list[str | torch.Tensor]:
+        """Double-buffered: pack bucket i (host: into pinned memory, then an async H2D copy) while bucket
+        i-1 is being broadcast. Returns the bucket digests when ``verify`` is on."""
+        if not sizes:
+            return []
+        by_bucket = _by_bucket(entries)
+        first = next(iter(tensors.values()), None)
+        host_src = self.device.type == "cuda" and first is not None and first.device.type == "cpu"
+        # pinned host tensors go straight to the device bucket (async DMA); pageable ones through pinned staging
+        direct = host_src and all(t.is_pinned() and t.is_contiguous() for t in tensors.values())
+        ring = self._ring_buffers(max(sizes))
+        pinned = self._pinned_buffers(max(sizes)) if host_src and not direct else []
+        h2d_done: list[torch.cuda.Event | None] = [None, None]
+        works, digests = [], []
+        for i, size in enumerate(sizes):
+            if i >= 2:
+                works[i - 2].wait()  # the ring slot's previous broadcast has finished (stream order on GPUs)
+            buf = ring[i % 2][:size]
+            stage = buf
+            if host_src and not direct:
+                ev = h2d_done[i % 2]
+                if ev is not None:
+                    ev.synchronize()  # the pinned slot's previous H2D copy has finished (host order)
+                stage = pinned[i % 2][:size]
+            _copy([(stage[e.offset : e.offset + e.nbytes], _bytes(tensors[e.name])) for e in by_bucket.get(i, [])],
+                  self.copy_threads)
+            if host_src and not direct:
+                buf.copy_(stage, non_blocking=True)
+                ev = torch.cuda.Event()
+                ev.record()
+                h2d_done[i % 2] = ev
+            if self.verify:
+                digests.append(_digest(buf))
+            works.append(dist.broadcast(buf, src=src, group=self.group, async_op=True))
+        for w in works[-2:]:
+            w.wait()
+        return digests
+
+    def _receive(self, src: int, entries: list[_Entry], sizes: list[int],
+                 keep: _InPlace | list | None) -> list[str | torch.Tensor]:
+        """Receive the buckets of ``src``. ``keep``: a list collects (entry, staging bucket) pairs in fresh
+        buffers; an :class:`_InPlace` unpacks each bucket into its targets while the next is in flight
+        (two ring buffers); None drops them (another source's tensors on a source rank)."""
+        if not sizes:
+            return []
+        by_bucket = _by_bucket(entries)
+        staged = isinstance(keep, list)
+        ring = [] if staged else self._ring_buffers(max(sizes))
+        bufs: dict[int, torch.Tensor] = {}
+        works: dict[int, dist.Work] = {}
+
+        def post(i: int) -> None:
+            if i < len(sizes):
+                if staged:
+                    bufs[i] = torch.empty(sizes[i], dtype=torch.uint8, device=self.device)
+                else:
+                    bufs[i] = ring[i % 2][: sizes[i]]
+                works[i] = dist.broadcast(bufs[i], src=src, group=self.group, async_op=True)
+
+        for i in range(len(sizes) if staged else 2):
+            post(i)
+        digests = []
+        for i in range(len(sizes)):
+            works.pop(i).wait()
+            buf = bufs.pop(i)
+            if self.verify:
+                digests.append(_digest(buf))
+            if staged:
+                keep.extend((e, buf) for e in by_bucket.get(i, []))  # type: ignore[union-attr]
+            else:
+                if keep is not None:
+                    keep(by_bucket.get(i, []), buf)  # enqueued before the next broadcast reuses this slot
+                post(i + 2)
+        return digests
 
     def _update_ipc(self, version: int, named_tensors: dict[str, torch.Tensor] | None, load_fn: LoadFn | None) -> int:
         from torch.multiprocessing.reductions import reduce_tensor
 
-        is_src = self.rank == self.src
+        is_src = self.rank in self.sources
         stage = "handles"
         try:
-            msg: list = [None]
-            if is_src:
-                for name, t in named_tensors.items():  # type: ignore[union-attr]
-                    if not t.is_cuda:
-                        raise ValueError(f"named_tensors: colocated mode needs CUDA tensors, {name!r} is on {t.device}")
-                msg = [(version, [(n, reduce_tensor(t.detach())) for n, t in named_tensors.items()])]  # type: ignore[union-attr]
-            dist.broadcast_object_list(msg, src=self.src, group=self.group)
-            v, handles = msg[0]
-            if v != version:
-                raise WeightSyncError(f"version mismatch: source sends {v}, this rank expects {version}")
+            handles = []
+            for s in self.sources:
+                msg: list = [None]
+                if self.rank == s:
+                    for name, t in named_tensors.items():  # type: ignore[union-attr]
+                        if not t.is_cuda:
+                            raise ValueError(f"named_tensors: colocated mode needs CUDA tensors, {name!r} is on "
+                                             f"{t.device}")
+                    msg = [(version, [(n, reduce_tensor(t.detach())) for n, t in named_tensors.items()])]
+                dist.broadcast_object_list(msg, src=s, group=self.group)
+                v, h = msg[0]
+                if v != version:
+                    raise WeightSyncError(f"weight version {version}: source rank {s} sends version {v}")
+                handles += h
             named = None
             ok = True
             if not is_src:
@@ -162,77 +411,16 @@ class CheckpointEngine:
                 except Exception:  # a handle that cannot be opened here: vote no
                     ok = False
             stage = "commit"
-            vote = torch.tensor([1 if ok else 0], dtype=torch.int32, device=self.device)
-            dist.all_reduce(vote, op=dist.ReduceOp.MIN, group=self.group)
-            if int(vote.item()) != 1:
+            if not self._vote(ok):
                 raise WeightSyncError(f"weight version {version}: a receiver could not open the CUDA IPC handles")
             stage = "load"
             if named is not None:
                 load_fn(named)  # type: ignore[misc]
                 torch.cuda.synchronize()
-            dist.barrier(group=self.group)  # the source's memory may change only after every receiver loaded
+            dist.barrier(group=self.group)  # the sources' memory may change only after every receiver loaded
         except (WeightSyncError, ValueError):
             raise
         except Exception as e:
             raise WeightSyncError(f"weight version {version} failed during {stage}: {type(e).__name__}: {e}") from e
         self.version = version
         return version
-
-    def _send(self, entries: list[_Entry], sizes: list[int], tensors: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-        """Double-buffered: pack bucket i (host: into pinned memory, then an async H2D copy) while bucket
-        i-1 is being broadcast. Returns the buckets when ``verify`` needs them for checksums."""
-        by_bucket: dict[int, list[_Entry]] = {}
-        for e in entries:
-            by_bucket.setdefault(e.bucket, []).append(e)
-        first = next(iter(tensors.values()))
-        host_src = self.device.type == "cuda" and first.device.type == "cpu"
-        # pinned host tensors go straight to the device bucket (async DMA); pageable ones through pinned staging
-        direct = host_src and all(t.is_pinned() and t.is_contiguous() for t in tensors.values())
-        cap = max(sizes)
-        ring = [torch.empty(cap, dtype=torch.uint8, device=self.device) for _ in range(2)] if not self.verify else []
-        pinned = [torch.empty(cap, dtype=torch.uint8, pin_memory=True) for _ in range(2)] if host_src and not direct else []
-        h2d_done: list[torch.cuda.Event | None] = [None, None]
-        sent, works = [], []
-        for i, size in enumerate(sizes):
-            if self.verify:
-                buf = torch.empty(size, dtype=torch.uint8, device=self.device)
-                sent.append(buf)
-            else:
-                if i >= 2:
-                    works[i - 2].wait()  # the ring slot's previous broadcast has finished (stream order)
-                buf = ring[i % 2][:size]
-            stage = buf
-            if host_src and not direct:
-                ev = h2d_done[i % 2]
-                if ev is not None:
-                    ev.synchronize()  # the pinned slot's previous H2D copy has finished (host order)
-                stage = pinned[i % 2][:size]
-            for e in by_bucket.get(i, []):
-                t = tensors[e.name].detach().contiguous().reshape(-1).view(torch.uint8)
-                stage[e.offset : e.offset + e.nbytes].copy_(t, non_blocking=direct)
-            if host_src and not direct:
-                buf.copy_(stage, non_blocking=True)
-                ev = torch.cuda.Event()
-                ev.record()
-                h2d_done[i % 2] = ev
-            works.append(dist.broadcast(buf, src=self.src, group=self.group, async_op=True))
-        for w in works:
-            w.wait()
-        if self.device.type == "cuda":
-            torch.cuda.current_stream().synchronize()
-        return sent
-
-    def _receive(self, sizes: list[int]) -> list[torch.Tensor]:
-        bufs = [torch.empty(s, dtype=torch.uint8, device=self.device) for s in sizes]
-        works = [dist.broadcast(b, src=self.src, group=self.group, async_op=True) for b in bufs]
-        for w in works:
-            w.wait()
-        return bufs
-
-    @staticmethod
-    def _unpack(entries: list[_Entry], buckets: list[torch.Tensor]) -> list[tuple[str, torch.Tensor]]:
-        out = []
-        for e in entries:
-            raw = buckets[e.bucket][e.offset : e.offset + e.nbytes]
-            out.append((e.name, raw.view(getattr(torch, e.dtype)).view(e.shape)))
-        return out

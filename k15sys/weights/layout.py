@@ -53,6 +53,8 @@ def hf_shapes(config: Any) -> dict[str, Shape]:
     d = _dims(config)
     H, V, I, hd, nh, nkv = d["H"], d["V"], d["I"], d["hd"], d["nh"], d["nkv"]
     bias = bool(getattr(config, "attention_bias", False)) or config.model_type == "qwen2"
+    o_bias = bool(getattr(config, "attention_bias", False)) and config.model_type != "qwen2"  # Llama: o_proj too
+    mlp_bias = bool(getattr(config, "mlp_bias", False))
     out: dict[str, Shape] = {"model.embed_tokens.weight": (V, H)}
     for i in range(d["L"]):
         p = f"model.layers.{i}."
@@ -64,9 +66,15 @@ def hf_shapes(config: Any) -> dict[str, Shape]:
             out[p + "self_attn.k_proj.bias"] = (nkv * hd,)
             out[p + "self_attn.v_proj.bias"] = (nkv * hd,)
         out[p + "self_attn.o_proj.weight"] = (H, nh * hd)
+        if o_bias:
+            out[p + "self_attn.o_proj.bias"] = (H,)
         out[p + "mlp.gate_proj.weight"] = (I, H)
         out[p + "mlp.up_proj.weight"] = (I, H)
         out[p + "mlp.down_proj.weight"] = (H, I)
+        if mlp_bias:
+            out[p + "mlp.gate_proj.bias"] = (I,)
+            out[p + "mlp.up_proj.bias"] = (I,)
+            out[p + "mlp.down_proj.bias"] = (H,)
         out[p + "input_layernorm.weight"] = (H,)
         out[p + "post_attention_layernorm.weight"] = (H,)
     out["model.norm.weight"] = (H,)
@@ -201,6 +209,8 @@ class ModelLayout:
                 b.rows(m + "mlp.linear_fc1.weight", [(p + "mlp.gate_proj.weight", r * I_r, (r + 1) * I_r),
                                                      (p + "mlp.up_proj.weight", r * I_r, (r + 1) * I_r)])
                 b.cols(m + "mlp.linear_fc2.weight", p + "mlp.down_proj.weight", r * I_r, (r + 1) * I_r)
+                _outer_biases(b, p, m + "self_attention.linear_proj.bias", m + "mlp.linear_fc1.bias",
+                              m + "mlp.linear_fc2.bias", r * I_r, (r + 1) * I_r)
                 b.whole(m + "input_layernorm.weight", p + "input_layernorm.weight")
                 b.whole(m + "pre_mlp_layernorm.weight", p + "post_attention_layernorm.weight")
             b.whole("decoder.final_layernorm.weight", "model.norm.weight")
@@ -235,6 +245,8 @@ class ModelLayout:
                 b.rows(p + "mlp.gate_up_proj.weight", [(p + "mlp.gate_proj.weight", r * I_r, (r + 1) * I_r),
                                                        (p + "mlp.up_proj.weight", r * I_r, (r + 1) * I_r)])
                 b.cols(p + "mlp.down_proj.weight", p + "mlp.down_proj.weight", r * I_r, (r + 1) * I_r)
+                _outer_biases(b, p, p + "self_attn.o_proj.bias", p + "mlp.gate_up_proj.bias", p + "mlp.down_proj.bias",
+                              r * I_r, (r + 1) * I_r)
                 b.whole(p + "input_layernorm.weight", p + "input_layernorm.weight")
                 b.whole(p + "post_attention_layernorm.weight", p + "post_attention_layernorm.weight")
             b.whole("model.norm.weight", "model.norm.weight")
@@ -255,6 +267,16 @@ class ModelLayout:
         from k15sys.weights.reshard import plan_reshard
 
         return plan_reshard(self, ModelLayout.hf(self.config)).execute(shards)[0]
+
+
+def _outer_biases(b: _Builder, p: str, o_name: str, fc1_name: str, fc2_name: str, i0: int, i1: int) -> None:
+    """Llama's optional biases outside QKV (``attention_bias`` on o_proj, ``mlp_bias``): the row-parallel
+    ones (o_proj, down_proj) are replicated on every rank, gate/up ones split and fused like their rows."""
+    if p + "self_attn.o_proj.bias" in b.full:
+        b.whole(o_name, p + "self_attn.o_proj.bias")
+    if p + "mlp.gate_proj.bias" in b.full:
+        b.rows(fc1_name, [(p + "mlp.gate_proj.bias", i0, i1), (p + "mlp.up_proj.bias", i0, i1)])
+        b.whole(fc2_name, p + "mlp.down_proj.bias")
 
 
 def _vocab_rows(b: _Builder, name: str, src: str, vr0: int, vr1: int, d: dict[str, int]) -> None:

@@ -63,6 +63,10 @@ class ReshardPlan:
                     if covered != (q.r1 - q.r0) * (q.c1 - q.c0):
                         raise ValueError(f"dst: tensor {name} (rank {dr}) is not covered by the source layout")
         self.copies = np.array(rows, dtype=np.int64).reshape(-1, 10)
+        c = self.copies
+        # copies that are one contiguous range on both sides (full-width rows): batched on devices
+        self._flat = ((c[:, 7] == c[:, 8]) | (c[:, 6] == 1)) & ((c[:, 7] == c[:, 9]) | (c[:, 6] == 1))
+        self._graph: tuple[tuple[int, ...], torch.cuda.CUDAGraph] | None = None  # device replay, by addresses
 
     @property
     def num_copies(self) -> int:
@@ -99,8 +103,13 @@ class ReshardPlan:
         return out
 
     def execute_into(self, src_shards: list[dict[str, torch.Tensor]], dst_shards: list[dict[str, torch.Tensor]], *,
-                     num_threads: int = 0) -> None:
-        """Reshard into the caller's tensors (e.g. pinned host buckets); padding rows are zeroed."""
+                     num_threads: int = 0, cuda_graph: bool = False) -> None:
+        """Reshard into the caller's tensors (e.g. pinned host buckets); padding rows are zeroed.
+
+        Host tensors: the C++ thread pool (``num_threads``, 0 = all cores). Device tensors: one device copy
+        per plan entry; with ``cuda_graph=True`` they are captured once per set of buffer addresses and
+        replayed (one launch instead of ~50 per layer; the buffers must stay allocated between calls).
+        """
         dtype = self._validate(src_shards, self._src_t, "src_shards")
         if self._validate(dst_shards, self._dst_t, "dst_shards") != dtype:
             raise ValueError(f"dst_shards: dtype differs from src_shards dtype {dtype}")
@@ -128,9 +137,39 @@ class ReshardPlan:
             blocks[:, 5] = c[:, 9] * esz
             _C.strided_copy(blocks, num_threads=num_threads)
             return
-        for sr, si, so, dr, di, do, nr, nc, sld, dld in c.tolist():  # device path: the same plan as copies
-            s = src[sr][si].reshape(-1).as_strided((nr, nc), (sld, 1), so)
-            dst[dr][di].reshape(-1).as_strided((nr, nc), (dld, 1), do).copy_(s, non_blocking=True)
+        if not cuda_graph:
+            self._device_copies(src, dst)
+            return
+        if not all(t.is_cuda for side in (src, dst) for rank in side for t in rank):
+            raise ValueError("cuda_graph: every source and destination tensor must be on a CUDA device")
+        key = tuple(t.data_ptr() for side in (src, dst) for rank in side for t in rank)
+        if self._graph is None or self._graph[0] != key:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                self._device_copies(src, dst)  # warm-up outside the capture
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self._device_copies(src, dst)
+            self._graph = (key, graph)
+        self._graph[1].replay()
+
+    def _device_copies(self, src: list[list[torch.Tensor]], dst: list[list[torch.Tensor]]) -> None:
+        """The device path: copies that are contiguous on both sides in one batched ``_foreach_copy_`` (a few
+        multi-tensor kernels), the strided rest (column splits) one device copy each."""
+        s_flat = [[t.view(-1) for t in rank] for rank in src]
+        d_flat = [[t.view(-1) for t in rank] for rank in dst]
+        outs, ins = [], []
+        for (sr, si, so, dr, di, do, nr, nc, sld, dld), flat in zip(self.copies.tolist(), self._flat.tolist()):
+            if flat:
+                outs.append(d_flat[dr][di][do : do + nr * nc])
+                ins.append(s_flat[sr][si][so : so + nr * nc])
+            else:
+                s = s_flat[sr][si].as_strided((nr, nc), (sld, 1), so)
+                d_flat[dr][di].as_strided((nr, nc), (dld, 1), do).copy_(s, non_blocking=True)
+        if outs:
+            torch._foreach_copy_(outs, ins, non_blocking=True)
 
 
 def _pointer_table(tensors: list[list[torch.Tensor]]) -> np.ndarray:
