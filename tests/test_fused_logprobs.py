@@ -33,6 +33,16 @@ def make(T, H, V, dtype, device="cpu", scale=1.0, seed=0, ignore_frac=0.2):
     return hidden, weight, labels.to(device)
 
 
+def _interpreter_or_cuda() -> str:
+    if torch.cuda.is_available():
+        return "cuda"
+    import os
+
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs TRITON_INTERPRET=1 (set by conftest)")
+    return "cpu"
+
+
 def naive_same_dtype(hidden, weight, labels, temperature, g_lp, g_ent):
     """Plain PyTorch in the input dtype (logits in that dtype, softmax in fp32): the bar for low precision."""
     h = hidden.clone().requires_grad_()
@@ -110,19 +120,13 @@ def test_torch_backend_fp32(T, H, V, chunk, temperature):
 
 @pytest.mark.parametrize("T,H,V,chunk", SHAPES)
 def test_triton_interpreter_fp32(T, H, V, chunk):
-    if not torch.cuda.is_available():
-        import os
-
-        if os.environ.get("TRITON_INTERPRET") != "1":
-            pytest.skip("needs TRITON_INTERPRET=1 (set by conftest)")
-    check_against_reference("triton", T, H, V, torch.float32, 0.7, chunk, tol=2e-5,
-                            device="cuda" if torch.cuda.is_available() else "cpu")
+    check_against_reference("triton", T, H, V, torch.float32, 0.7, chunk, tol=2e-5, device=_interpreter_or_cuda())
 
 
 def test_triton_interpreter_fp16_and_large_logits():
     # fp16 inputs; hidden scaled so logits reach ~+-60 (exp would overflow without the max shift)
     check_against_reference("triton", 13, 32, 300, torch.float16, 1.0, 8, tol=1e-3, scale=12.0,
-                            device="cuda" if torch.cuda.is_available() else "cpu")
+                            device=_interpreter_or_cuda())
     check_against_reference("torch", 13, 32, 300, torch.float16, 1.0, 8, tol=1e-3, scale=12.0)
 
 
@@ -136,6 +140,72 @@ def test_bf16_torch_backend_within_twice_pytorch_error():
     err = (lp.double() - lp0).abs().max()
     err_naive = (naive_lp.double() - lp0).abs().max()
     assert err <= 2 * err_naive + 1e-6
+
+
+@pytest.mark.parametrize("T,H,V,dtype,temperature,scale", [
+    (1, 24, 1013, torch.float32, 1.0, 1.0),
+    (37, 24, 1013, torch.float32, 0.7, 1.0),  # several row blocks and vocabulary splits, H % BLOCK_K != 0
+    (20, 40, 70, torch.float32, 1.3, 1.0),  # one split smaller than a tile
+    (13, 32, 300, torch.float16, 1.0, 12.0),  # logits up to ~+-60 in fp16
+])
+def test_fused_stats_kernel_against_float64(T, H, V, dtype, temperature, scale):
+    """The fully fused statistics kernel (logit tiles on chip, vocabulary splits merged) vs float64."""
+    from k15sys.kernels.fused_logprobs import launch_stats, merge_partials
+
+    dev = _interpreter_or_cuda()
+    hidden, weight, labels = make(T, H, V, dtype, dev, scale=scale, seed=T + V)
+    part = launch_stats(hidden, weight, labels, inv_temp=1.0 / temperature)
+    lse, ent, lp = merge_partials(part, labels, IGNORE)
+    # the kernel rounds each logit to the input dtype (as the GEMM of the backward does): so does the reference
+    z = (hidden.double() @ weight.double().T).to(dtype).double() / temperature
+    lse0 = torch.logsumexp(z, -1)
+    p = torch.softmax(z, -1)
+    valid = labels != IGNORE
+    ent0 = torch.where(valid, lse0 - (p * z).sum(-1), 0.0)
+    lp0 = torch.where(valid, z.gather(1, torch.where(valid, labels, 0)[:, None].long()).squeeze(1) - lse0, 0.0)
+    tol = 2e-5 if dtype == torch.float32 else 5e-4 * scale
+    for ours, ref in ((lse, lse0), (ent, ent0), (lp, lp0)):
+        assert ours.dtype == torch.float32 and torch.isfinite(ours).all()
+        torch.testing.assert_close(ours.double(), ref, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype,scale,tol", [(torch.float32, 1.0, 2e-5), (torch.float16, 12.0, 1e-3)])
+def test_buffer_free_forward_with_backward(dtype, scale, tol):
+    """chunk=0: forward statistics from the fused kernel, backward chunked; against float64 (and 2x naive)."""
+    dev = _interpreter_or_cuda()
+    T, H, V, temperature = 37, 24, 1013, 0.7
+    hidden, weight, labels = make(T, H, V, dtype, dev, scale=scale, seed=21)
+    g = torch.Generator().manual_seed(2)
+    g_lp, g_ent = torch.randn(T, generator=g).to(dev), torch.randn(T, generator=g).to(dev)
+    h1, w1 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    lp, ent = fused_logprobs(h1, w1, labels, temperature=temperature, return_entropy=True, backend="triton", chunk=0)
+    ((lp * g_lp).sum() + (ent * g_ent).sum()).backward()
+    h0, w0 = hidden.double().requires_grad_(), weight.double().requires_grad_()
+    lp0, ent0 = reference(h0, w0, labels, temperature)
+    ((lp0 * g_lp.double()).sum() + (ent0 * g_ent.double()).sum()).backward()
+    naive = naive_same_dtype(hidden, weight, labels, temperature, g_lp, g_ent)
+    for ours, nv, ref in zip((lp, ent, h1.grad, w1.grad), naive, (lp0, ent0, h0.grad, w0.grad)):
+        assert_close_or_2x_naive(ours, nv, ref, tol)
+    with pytest.raises(ValueError, match="chunk"):
+        fused_logprobs(hidden, weight, labels, backend="torch", chunk=0)
+
+
+def test_no_grad_and_empty_inputs():
+    dev = _interpreter_or_cuda()
+    hidden, weight, labels = make(9, 24, 1013, torch.float32, dev, seed=11)
+    lp0, ent0 = reference(hidden, weight, labels, 0.9)
+    for backend, chunk in (("triton", None), ("triton", 0), ("torch", None)):
+        with torch.no_grad():
+            lp, ent = fused_logprobs(hidden, weight, labels, temperature=0.9, return_entropy=True, backend=backend,
+                                     chunk=chunk)
+        torch.testing.assert_close(lp.double(), lp0, atol=2e-5, rtol=2e-5)
+        torch.testing.assert_close(ent.double(), ent0, atol=2e-5, rtol=2e-5)
+        h = hidden[:0].clone().requires_grad_()
+        w = weight.clone().requires_grad_()
+        lp, ent = fused_logprobs(h, w, labels[:0], return_entropy=True, backend=backend, chunk=chunk)
+        assert lp.shape == ent.shape == (0,)
+        (lp.sum() + ent.sum()).backward()
+        assert h.grad.shape == (0, 24) and torch.all(w.grad == 0)
 
 
 def test_bad_input():
@@ -161,7 +231,7 @@ def test_bad_input():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("T,H,V", [(1, 64, 1013), (300, 128, 32000), (1029, 256, 5001)])
+@pytest.mark.parametrize("T,H,V", [(1, 64, 1013), (300, 128, 32000), (1029, 256, 5001), (700, 200, 151936)])
 def test_gpu_bf16_matches_reference(T, H, V):
     hidden, weight, labels = make(T, H, V, torch.bfloat16, device="cuda", seed=T)
     lp0, ent0 = reference(hidden, weight, labels, 0.8)
@@ -171,6 +241,9 @@ def test_gpu_bf16_matches_reference(T, H, V):
     naive_lp = torch.where(valid, naive.gather(1, torch.where(valid, labels, 0)[:, None]).squeeze(1), 0.0)
     assert (lp.double() - lp0).abs().max() <= 2 * (naive_lp.double() - lp0).abs().max() + 1e-5
     assert (ent.double() - ent0).abs().max() < 5e-2
+    lp_free, ent_free = fused_logprobs(hidden, weight, labels, temperature=0.8, return_entropy=True, chunk=0)
+    assert (lp_free.double() - lp0).abs().max() <= 2 * (naive_lp.double() - lp0).abs().max() + 1e-5
+    assert (ent_free.double() - ent0).abs().max() < 5e-2
     check_against_reference("triton", T, H, V, torch.float32, 0.8, 256, tol=5e-3, device="cuda")
 
 

@@ -17,7 +17,10 @@ Two entry points:
 
 Backends: ``"triton"`` runs the row kernels of ``k15sys.kernels.fused_logprobs`` (CUDA, or the CPU
 interpreter when ``TRITON_INTERPRET=1``); ``"torch"`` runs the same chunked algorithm in plain torch
-(fp32 math on one chunk); ``"auto"`` picks triton on CUDA and torch elsewhere.
+(fp32 math on one chunk); ``"auto"`` picks triton on CUDA and torch elsewhere. With ``chunk=0`` the
+Triton backend computes the forward statistics with the buffer-free fused kernel instead (logit tiles
+never leave the chip; no ``[chunk, V]`` buffer), for memory-critical no-grad passes.
+Measurements and the design rationale: ``docs/fused_logprobs.md``.
 """
 from __future__ import annotations
 
@@ -44,7 +47,7 @@ def _pick_backend(backend: str, device: torch.device) -> str:
 def _chunk_rows(T: int, V: int, itemsize: int, chunk: int | None) -> int:
     if chunk is not None:
         if chunk < 1:
-            raise ValueError(f"chunk: must be >= 1, got {chunk}")
+            raise ValueError(f"chunk: must be >= 1 (0 only for fused_logprobs' buffer-free forward), got {chunk}")
         return chunk
     rows = max(1, _DEFAULT_CHUNK_BYTES // max(1, V * itemsize))
     return min(T, 1 << (rows.bit_length() - 1)) if T > 0 else 1  # a power of two keeps GEMMs aligned
@@ -128,7 +131,7 @@ def _forward_stats(hidden, weight, labels, *, inv_temp, ignore_index, backend, c
     dh = dw = None
     if grads is not None:
         dh = torch.empty_like(hidden)
-        dw = torch.zeros_like(weight)
+        dw = torch.empty_like(weight) if T else torch.zeros_like(weight)
     buf = _logits_buffer(hidden, weight, chunk)
     for c0 in range(0, T, chunk):
         c1 = min(T, c0 + chunk)
@@ -142,14 +145,42 @@ def _forward_stats(hidden, weight, labels, *, inv_temp, ignore_index, backend, c
              inv_temp=inv_temp, ignore_index=ignore_index, stats=True, grad=grads is not None)
         if grads is not None:
             torch.mm(logits, weight, out=dh[c0:c1])
-            dw.addmm_(logits.T, h)
+            _accumulate_dweight(dw, logits, h, first=c0 == 0)
     return lp, ent, lse, dh, dw
+
+
+def _accumulate_dweight(dw: torch.Tensor, dlogits: torch.Tensor, h: torch.Tensor, *, first: bool) -> None:
+    """``dw (+)= dlogits^T h``: the first chunk overwrites (no zero fill, no read of zeros)."""
+    if first:
+        torch.mm(dlogits.T, h, out=dw)
+    else:
+        dw.addmm_(dlogits.T, h)
+
+
+def _stats(hidden, weight, labels, *, inv_temp, ignore_index, backend, chunk):
+    """(log-probs, entropy, lse) of every row, no gradient.
+
+    ``chunk == 0``: the buffer-free Triton kernel (logit tiles never leave the chip); otherwise the
+    chunked path (cuBLAS logits chunk + row statistics), which is faster on an H100 (docs/fused_logprobs.md).
+    """
+    if chunk == 0:
+        if hidden.shape[0] == 0:
+            empty = hidden.new_zeros(0, dtype=torch.float32)
+            return empty, empty, empty
+        from k15sys.kernels.fused_logprobs import launch_stats, merge_partials
+
+        part = launch_stats(hidden, weight, labels, inv_temp=inv_temp)
+        lse, ent, lp = merge_partials(part, labels, ignore_index)
+        return lp, ent, lse
+    lp, ent, lse, _, _ = _forward_stats(hidden, weight, labels, inv_temp=inv_temp, ignore_index=ignore_index,
+                                        backend=backend, chunk=chunk)
+    return lp, ent, lse
 
 
 def _backward(hidden, weight, labels, lse, ent, g_lp, g_ent, *, inv_temp, ignore_index, backend, chunk):
     T = hidden.shape[0]
     dh = torch.empty_like(hidden)
-    dw = torch.zeros_like(weight)
+    dw = torch.empty_like(weight) if T else torch.zeros_like(weight)
     rows = _ROWS[backend]
     buf = _logits_buffer(hidden, weight, chunk)
     for c0 in range(0, T, chunk):
@@ -160,15 +191,15 @@ def _backward(hidden, weight, labels, lse, ent, g_lp, g_ent, *, inv_temp, ignore
              None if g_ent is None else g_ent[c0:c1],
              inv_temp=inv_temp, ignore_index=ignore_index, stats=False, grad=True)
         torch.mm(logits, weight, out=dh[c0:c1])
-        dw.addmm_(logits.T, h)
+        _accumulate_dweight(dw, logits, h, first=c0 == 0)
     return dh, dw
 
 
 class _FusedLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, inv_temp, ignore_index, backend, chunk):
-        lp, ent, lse, _, _ = _forward_stats(hidden, weight, labels, inv_temp=inv_temp, ignore_index=ignore_index,
-                                            backend=backend, chunk=chunk)
+    def forward(ctx, hidden, weight, labels, inv_temp, ignore_index, backend, fwd_chunk, chunk):
+        lp, ent, lse = _stats(hidden, weight, labels, inv_temp=inv_temp, ignore_index=ignore_index,
+                              backend=backend, chunk=fwd_chunk)
         ctx.save_for_backward(hidden, weight, labels, lse, ent)
         ctx.cfg = (inv_temp, ignore_index, backend, chunk)
         return lp, ent
@@ -183,7 +214,7 @@ class _FusedLogprobs(torch.autograd.Function):
                            None if g_ent is None else g_ent.contiguous(),
                            inv_temp=inv_temp, ignore_index=ignore_index, backend=backend, chunk=chunk)
         return (dh if ctx.needs_input_grad[0] else None, dw if ctx.needs_input_grad[1] else None,
-                None, None, None, None, None)
+                None, None, None, None, None, None)
 
 
 def fused_logprobs(
@@ -207,7 +238,10 @@ def fused_logprobs(
         return_entropy: also return the per-token entropy of the tempered distribution.
         backend: ``"auto"`` | ``"triton"`` | ``"torch"`` (see the module docstring).
         chunk: rows per LM-head chunk; default: the largest power of two whose logits fit in 640 MiB.
-            Larger chunks mean fewer read-modify-writes of d weight (one per chunk).
+            Larger chunks mean fewer read-modify-writes of d weight (one per chunk). ``0`` (Triton backend
+            only): the forward statistics come from the buffer-free fused kernel (no logits buffer at all,
+            for memory-critical no-grad passes; 1.03-1.15x slower than the chunked forward on an H100),
+            and a backward, if any, uses the default chunk.
 
     Returns:
         fp32 ``logprobs[T]`` (and fp32 ``entropy[T]``), differentiable w.r.t. ``hidden`` and ``weight``.
@@ -215,9 +249,11 @@ def fused_logprobs(
     _validate(hidden, weight, labels, temperature)
     _check_label_range(labels, weight.shape[0], ignore_index)
     be = _pick_backend(backend, hidden.device)
-    n = _chunk_rows(hidden.shape[0], weight.shape[0], hidden.element_size(), chunk)
+    if chunk == 0 and be != "triton":
+        raise ValueError(f"chunk: 0 (buffer-free forward) needs the triton backend, got backend {be!r}")
+    n = _chunk_rows(hidden.shape[0], weight.shape[0], hidden.element_size(), None if chunk == 0 else chunk)
     lp, ent = _FusedLogprobs.apply(hidden.contiguous(), weight.contiguous(), labels.contiguous(),
-                                   1.0 / temperature, ignore_index, be, n)
+                                   1.0 / temperature, ignore_index, be, 0 if chunk == 0 else n, n)
     return (lp, ent) if return_entropy else lp
 
 
