@@ -8,7 +8,8 @@ from enum import Enum
 class Status(str, Enum):
     """How one sandboxed execution ended."""
 
-    OK = "OK"                        # exit code 0 within every limit
+    OK = "OK"                        # exit code 0 within every limit (and the expected output, if given)
+    WRONG_ANSWER = "WRONG_ANSWER"    # ran fine, but the output is not the expected one
     RUNTIME_ERROR = "RUNTIME_ERROR"  # non-zero exit or killed by a signal
     TIMEOUT = "TIMEOUT"              # wall-clock or CPU-time limit
     MEMORY = "MEMORY"                # address-space limit hit (MemoryError, std::bad_alloc)
@@ -20,16 +21,18 @@ class Status(str, Enum):
 
 @dataclass(frozen=True)
 class Limits:
-    """Per-execution limits; every one is enforced by the kernel (rlimits) or by the supervisor.
+    """Per-execution limits; each is enforced by the kernel (rlimits, tmpfs size) or by the zygote.
 
     Attributes:
         wall_s: wall-clock limit; the whole process tree is killed when it passes.
         cpu_s: CPU-time limit (RLIMIT_CPU), per process.
         memory_mb: address-space limit (RLIMIT_AS), per process.
-        max_procs: processes/threads of the sandbox user (RLIMIT_NPROC): stops fork bombs.
+        max_procs: processes/threads of one execution (RLIMIT_NPROC, counted in the execution's own user
+            namespace, so concurrent executions do not share it): stops fork bombs.
         file_size_mb: largest file the program may write (RLIMIT_FSIZE).
         open_files: file descriptors (RLIMIT_NOFILE).
         output_bytes: stdout + stderr kept; more ends the run with OUTPUT_LIMIT.
+        scratch_mb: size of the private writable tmpfs (/tmp, the working directory; also /dev/shm).
     """
 
     wall_s: float = 5.0
@@ -39,9 +42,12 @@ class Limits:
     file_size_mb: int = 16
     open_files: int = 64
     output_bytes: int = 1 << 20
+    scratch_mb: int = 64
 
     def __post_init__(self) -> None:
-        for name in ("wall_s", "cpu_s", "memory_mb", "max_procs", "file_size_mb", "open_files", "output_bytes"):
+        for name in ("wall_s", "cpu_s", "memory_mb", "max_procs", "file_size_mb", "open_files", "output_bytes",
+                     "scratch_mb"):
             value = getattr(self, name)
-            if not value > 0:
-                raise ValueError(f"{name}: must be > 0, got {value!r}")
+            kinds = (int, float) if name == "wall_s" else (int,)
+            if isinstance(value, bool) or not isinstance(value, kinds) or not value > 0:
+                raise ValueError(f"{name}: must be a positive {'number' if name == 'wall_s' else 'int'}, got {value!r}")

@@ -1,33 +1,56 @@
-"""Running untrusted programs: the supervisor, languages and the worker pool (paper 2.6.4).
+"""The sandbox API: languages, the pool of pre-started containers, run statuses (paper 2.6.4).
 
-``Sandbox.run`` executes one program (compiling it first for C++) in a fresh container
-(``k15sys.sandbox.isolation``) and always returns a :class:`RunResult` with a :class:`Status`; it never
-raises on anything the program does. Containers are launched by a pool of pre-started worker
-processes; each worker is a child subreaper, so every process a container leaves behind (bubblewrap's
-own init included) is re-parented to it and reaped there, never left as a zombie on the host, and the
-caller's process is not touched. ``Sandbox.run_batch`` spreads many executions over the pool.
+``Sandbox(limits, workers=N)`` starts N containers (``k15sys.sandbox.isolation``), each with a zygote
+that forks a fresh nested sandbox per execution, so an execution pays neither container nor
+interpreter start-up. ``run`` executes one program on one input; ``run_tests`` runs one program on
+many inputs (C++ compiled once); ``run_batch`` spreads many programs over the pool. Every call returns
+:class:`RunResult` objects with a :class:`Status`; nothing a program does raises in the caller.
 """
 from __future__ import annotations
 
-import multiprocessing
 import os
-import selectors
-import shutil
+import queue
 import signal
-import subprocess
-import tempfile
 import threading
-import time
-from collections.abc import Sequence
-from concurrent.futures import Future, ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass, field
+import weakref
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
-from k15sys.sandbox.isolation import NOBODY, container_command, limit_and_drop
+from k15sys.sandbox.isolation import Container, SandboxUnavailable
 from k15sys.sandbox.limits import Limits, Status
 
-LANGUAGES = ("python", "cpp")
-_MEMORY_MARKERS = (b"MemoryError", b"std::bad_alloc", b"Cannot allocate memory", b"out of memory")
+Checker = Callable[[str, str, str], bool]  # (stdin, expected, actual stdout) -> accepted
+# argv of the compile step and of the run step, per language ("python" = the zygote's interpreter).
+LANGUAGES: dict[str, dict[str, list[str] | None]] = {
+    "python": {"compile": None, "run": ["python"]},
+    "cpp": {"compile": ["/usr/bin/g++", "-O2", "-std=c++17", "-pipe", "-o", "/job/main", "/job/main.cpp"],
+            "run": ["/job/main"]},
+}
+_MEMORY_MARKERS = ("MemoryError", "std::bad_alloc", "Cannot allocate memory", "out of memory")
+
+
+@dataclass(frozen=True)
+class TestCase:
+    """One execution of a program: its stdin, the expected stdout (None: do not compare), and for
+    Python a ``suffix`` of code appended to the program (assert tests)."""
+
+    __test__ = False  # not a pytest test class
+
+    stdin: str = ""
+    expected: str | None = None
+    suffix: str = ""
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    """One program with its tests, for :meth:`Sandbox.run_batch`."""
+
+    program: str
+    language: str = "python"
+    tests: tuple[TestCase, ...] = (TestCase(),)
+    limits: Limits | None = None
 
 
 @dataclass
@@ -43,239 +66,221 @@ class RunResult:
     stdout_bytes: bytes = field(default=b"", repr=False)
 
 
-@dataclass(frozen=True)
-class RunRequest:
-    program: str
-    language: str = "python"
-    stdin: str = ""
-    limits: Limits | None = None
+def outputs_match(actual: str, expected: str) -> bool:
+    """Whitespace-tolerant comparison: the same tokens in the same order."""
+    return actual.split() == expected.split()
 
 
-def _supervise(argv: list[str], scratch: str, stdin: bytes, limits: Limits) -> tuple[Status | None, bytes, bytes, int | None, float]:
-    """Run ``argv`` in a container; enforce wall time and output size. Returns (status or None, out, err, code, s)."""
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(
-        container_command(argv, scratch),
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        preexec_fn=limit_and_drop(limits), start_new_session=True, close_fds=True,
-    )
-    status: Status | None = None
-    chunks: dict[int, list[bytes]] = {proc.stdout.fileno(): [], proc.stderr.fileno(): []}  # type: ignore[union-attr]
-    total = 0
-    sel = selectors.DefaultSelector()
-    try:
-        try:
-            proc.stdin.write(stdin)  # type: ignore[union-attr]
-        except (BrokenPipeError, OSError):
-            pass
-        proc.stdin.close()  # type: ignore[union-attr]
-        for f in (proc.stdout, proc.stderr):
-            os.set_blocking(f.fileno(), False)  # type: ignore[union-attr]
-            sel.register(f, selectors.EVENT_READ)  # type: ignore[arg-type]
-        deadline = t0 + limits.wall_s
-        while sel.get_map():
-            left = deadline - time.perf_counter()
-            if left <= 0:
-                status = Status.TIMEOUT
-                break
-            for key, _ in sel.select(timeout=min(left, 0.5)):
-                data = os.read(key.fd, 65536)
-                if not data:
-                    sel.unregister(key.fileobj)
-                    continue
-                chunks[key.fd].append(data)
-                total += len(data)
-            if total > limits.output_bytes:
-                status = Status.OUTPUT_LIMIT
-                break
-        if status is None:
-            try:
-                proc.wait(timeout=max(0.0, deadline - time.perf_counter()))
-            except subprocess.TimeoutExpired:
-                status = Status.TIMEOUT
-    finally:
-        sel.close()
-        if proc.poll() is None:
-            _kill_container(proc)
-        proc.wait()
-        for f in (proc.stdout, proc.stderr):
-            f.close()  # type: ignore[union-attr]
-    out = b"".join(chunks[next(iter(chunks))])
-    err = b"".join(list(chunks.values())[1])
-    return status, out[: limits.output_bytes], err[: limits.output_bytes], proc.returncode, time.perf_counter() - t0
-
-
-def _kill_container(proc: subprocess.Popen) -> None:
-    """Kill the container's init first (the kernel then kills everything in its pid namespace and the
-    outer bubblewrap reaps it), then the whole session if anything is still there."""
-    try:
-        with open(f"/proc/{proc.pid}/task/{proc.pid}/children") as f:
-            inner = [int(p) for p in f.read().split()]
-    except OSError:
-        inner = []
-    for pid in inner:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    try:
-        proc.wait(timeout=1.0)
-    except subprocess.TimeoutExpired:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-
-def _signal_of(code: int | None) -> int | None:
-    """The signal that ended the program: bubblewrap reports a child killed by signal s as 128 + s."""
+def classify(fact: dict[str, Any]) -> Status:
+    """The status of one execution from the zygote's facts (exit code, limit hit, stderr)."""
+    if fact.get("limit") == "timeout":
+        return Status.TIMEOUT
+    if fact.get("limit") == "output":
+        return Status.OUTPUT_LIMIT
+    code = fact.get("exit_code")
     if code is None:
-        return None
-    if code < 0:
-        return -code
-    return code - 128 if code > 128 else None
-
-
-def _classify(status: Status | None, err: bytes, code: int | None) -> Status:
-    if status is not None:
-        return status
+        return Status.SANDBOX_ERROR
     if code == 0:
         return Status.OK
-    if _signal_of(code) == signal.SIGXCPU:
-        return Status.TIMEOUT
-    if any(m in err for m in _MEMORY_MARKERS):
+    if code == -signal.SIGXCPU or (code == -signal.SIGKILL and fact.get("cpu_over", False)):
+        return Status.TIMEOUT  # RLIMIT_CPU: SIGXCPU at the soft limit, SIGKILL at the hard one
+    if any(m in fact.get("stderr", "") for m in _MEMORY_MARKERS):
         return Status.MEMORY
     return Status.RUNTIME_ERROR
 
 
-def _become_subreaper() -> None:
-    """Pool-worker initializer: orphans of the containers we start are re-parented to this process."""
-    import ctypes
-
-    PR_SET_CHILD_SUBREAPER = 36
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
-
-
-def _reap_orphans(grace_s: float = 2.0) -> None:
-    """Reap every child of this worker. After an execution its only children are the container's
-    remnants, which die with the pid namespace: wait (briefly) until none is left."""
-    deadline = time.monotonic() + grace_s
-    while True:
-        try:
-            pid, _ = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if pid == 0:
-            if time.monotonic() > deadline:
-                return
-            time.sleep(0.002)
-
-
-def _execute(program: str, language: str, stdin: str, lim: Limits, compile_lim: Limits) -> RunResult:
-    """Runs in a pool worker: one execution in a fresh container with its own scratch directory."""
-    scratch = tempfile.mkdtemp(prefix="k15sbx-")
-    try:
-        if os.getuid() == 0:
-            os.chown(scratch, NOBODY, NOBODY)
-        os.chmod(scratch, 0o700)
-        return _run_in(scratch, program, language, stdin, lim, compile_lim)
-    except Exception as e:  # the sandbox itself failed (bwrap missing, fork refused...)
-        return RunResult(Status.SANDBOX_ERROR, stderr=f"{type(e).__name__}: {e}")
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-        _reap_orphans()
-
-
-def _run_in(scratch: str, program: str, language: str, stdin: str, lim: Limits, compile_lim: Limits) -> RunResult:
-    if language == "python":
-        _write_for_nobody(os.path.join(scratch, "main.py"), program)
-        argv = ["/usr/bin/python3", "-I", "main.py"]
-    else:
-        _write_for_nobody(os.path.join(scratch, "main.cpp"), program)
-        status, out, err, code, dt = _supervise(
-            ["/usr/bin/g++", "-O2", "-std=c++17", "-pipe", "-o", "main", "main.cpp"], scratch, b"", compile_lim)
-        if _classify(status, err, code) != Status.OK:  # any failure of the compiler, its limits included
-            return RunResult(Status.COMPILE_ERROR, stderr=err.decode("utf-8", "replace"), exit_code=code, wall_s=dt)
-        argv = ["./main"]
-    status, out, err, code, dt = _supervise(argv, scratch, stdin.encode("utf-8", "replace"), lim)
+def _result(fact: dict[str, Any], status: Status | None = None) -> RunResult:
+    out = fact.get("stdout", "").encode("latin-1")
     return RunResult(
-        _classify(status, err, code),
+        status=status or classify(fact),
         stdout=out.decode("utf-8", "replace"),
-        stderr=err.decode("utf-8", "replace"),
-        exit_code=code,
-        wall_s=dt,
+        stderr=fact.get("stderr", "").encode("latin-1").decode("utf-8", "replace") or (fact.get("error") or ""),
+        exit_code=fact.get("exit_code"),
+        wall_s=float(fact.get("wall_s", 0.0)),
         stdout_bytes=out,
     )
 
 
+def _judge(r: RunResult, test: TestCase, checker: Checker | None) -> RunResult:
+    if r.status != Status.OK or test.expected is None:
+        return r
+    try:
+        ok = checker(test.stdin, test.expected, r.stdout) if checker else outputs_match(r.stdout, test.expected)
+    except Exception as e:  # a faulty checker fails the test, it does not crash the caller
+        r.stderr += f"\nchecker raised {type(e).__name__}: {e}"
+        ok = False
+    if not ok:
+        r.status = Status.WRONG_ANSWER
+    return r
+
+
 class Sandbox:
-    """Secure execution of untrusted Python 3 / C++ programs.
+    """Secure execution of untrusted Python 3 / C++ programs on a pool of pre-started containers.
 
     Args:
         limits: default :class:`Limits` of every execution.
-        workers: pre-started worker processes (executions that can run at once).
-        compile_limits: limits of the C++ compile step (defaults: 20 s wall, 2 GiB).
+        workers: containers started up front (executions that can run at once).
+        compile_limits: limits of the C++ compile step (default: 20 s wall, 2 GiB, 256 MiB scratch).
+        python: interpreter inside the container, a path under /usr (default: /usr/bin/python3, else
+            /usr/local/bin/python3).
+        cgroup: put each container in its own memory + pids cgroup when the host allows it (root);
+            ``cgroup_error`` says why not otherwise.
+        container_memory_mb: memory of one container, all its processes together (default: twice the
+            largest per-process limit of ``limits`` / ``compile_limits`` + 256 MiB; raise it if calls pass
+            larger ``limits``).
     """
 
-    def __init__(self, limits: Limits | None = None, *, workers: int = 2, compile_limits: Limits | None = None) -> None:
-        if workers < 1:
-            raise ValueError(f"workers: must be >= 1, got {workers!r}")
+    def __init__(self, limits: Limits | None = None, *, workers: int = 2, compile_limits: Limits | None = None,
+                 python: str | None = None, cgroup: bool = True, container_memory_mb: int | None = None) -> None:
+        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+            raise ValueError(f"workers: must be an int >= 1, got {workers!r}")
+        python = python or next((p for p in ("/usr/bin/python3", "/usr/local/bin/python3") if os.path.exists(p)),
+                                "/usr/bin/python3")
+        if not python.startswith("/usr/"):
+            raise ValueError(f"python: must be an interpreter under /usr (the container's view), got {python!r}")
         self.limits = limits or Limits()
-        self.compile_limits = compile_limits or Limits(wall_s=20.0, cpu_s=20, memory_mb=2048, max_procs=64)
+        self.compile_limits = compile_limits or Limits(wall_s=20.0, cpu_s=20, memory_mb=2048, file_size_mb=64,
+                                                       scratch_mb=256)
         self.workers = workers
-        self._lock = threading.Lock()
-        self._pool = self._start_pool()
+        self.python = python
+        self.use_cgroup = cgroup
+        self.container_memory_mb = container_memory_mb
+        self.cgroup_error: str | None = None
+        self._idle: queue.Queue[Container | None] = queue.Queue()
+        self._threads = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="k15-sandbox")
+        self._containers: list[Container] = []
+        self._closed = False
+        self.start_error: str | None = None
+        for c in self._threads.map(lambda _: self._start_container(), range(workers)):
+            self._idle.put(c)
+        self._finalizer = weakref.finalize(self, Sandbox._shutdown, self._containers, self._threads)
 
-    def _start_pool(self) -> ProcessPoolExecutor:
-        pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=multiprocessing.get_context("spawn"),
-                                   initializer=_become_subreaper)
-        for f in [pool.submit(_reap_orphans) for _ in range(self.workers)]:  # start the workers now
-            f.result()
-        return pool
+    def _start_container(self) -> Container | None:
+        biggest = max((self.limits, self.compile_limits), key=lambda lim: lim.memory_mb)
+        memory = (self.container_memory_mb or 2 * biggest.memory_mb + 256) << 20
+        pids = 2 * max(self.limits.max_procs, self.compile_limits.max_procs) + 16
+        try:
+            c = Container(self.python, cgroup_limits=(memory, pids) if self.use_cgroup else None)
+        except (SandboxUnavailable, OSError) as e:
+            self.start_error = f"{type(e).__name__}: {e}"
+            return None
+        self.cgroup_error = c.cgroup_error
+        self._containers.append(c)
+        return c
+
+    @staticmethod
+    def _shutdown(containers: list[Container], threads: ThreadPoolExecutor) -> None:
+        threads.shutdown(wait=False, cancel_futures=True)
+        for c in list(containers):
+            c.close()
+        containers.clear()
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True)
+        """Stop every container (nothing is left running)."""
+        self._closed = True
+        self._finalizer()
 
-    def __enter__(self) -> "Sandbox":
+    def __enter__(self) -> Sandbox:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _submit(self, program: str, language: str, stdin: str, limits: Limits | None) -> Future | RunResult:
+    def _job(self, program: str, language: str, tests: Sequence[TestCase], limits: Limits) -> dict[str, Any]:
+        spec = LANGUAGES[language]
+        return {
+            "language": language, "program": program, "compile": spec["compile"], "argv": spec["run"],
+            "limits": asdict(limits), "compile_limits": asdict(self.compile_limits),
+            "runs": [{"stdin": t.stdin.encode("utf-8", "replace").decode("latin-1"), "suffix": t.suffix}
+                     for t in tests],
+        }
+
+    def _execute(self, program: str, language: str, tests: Sequence[TestCase], limits: Limits | None,
+                 checker: Checker | None) -> list[RunResult]:
+        def every(status: Status, why: str) -> list[RunResult]:
+            return [RunResult(status, stderr=why) for _ in tests]
+
         lim = limits or self.limits
-        if language not in LANGUAGES:
-            return RunResult(Status.INVALID, stderr=f"language: unknown {language!r}; supported: {', '.join(LANGUAGES)}")
+        if not isinstance(language, str) or language not in LANGUAGES:
+            return every(Status.INVALID, f"language: unknown {language!r}; supported: {', '.join(LANGUAGES)}")
         if not isinstance(program, str) or not program.strip():
-            return RunResult(Status.INVALID, stderr="program: empty")
-        with self._lock:
-            try:
-                return self._pool.submit(_execute, program, language, stdin, lim, self.compile_limits)
-            except BrokenProcessPool:  # a worker died: replace the pool, nothing queued is lost
-                self._pool = self._start_pool()
-                return self._pool.submit(_execute, program, language, stdin, lim, self.compile_limits)
-
-    @staticmethod
-    def _result(f: Future | RunResult) -> RunResult:
-        if isinstance(f, RunResult):
-            return f
+            return every(Status.INVALID, "program: empty")
+        if self._closed:
+            return every(Status.SANDBOX_ERROR, "the sandbox is closed")
+        compiler = LANGUAGES[language]["compile"]
+        if compiler and not os.path.exists(compiler[0]):
+            return every(Status.SANDBOX_ERROR, f"{compiler[0]} is not installed (scripts/debian-packages.txt)")
+        container = self._idle.get()
         try:
-            return f.result()
-        except Exception as e:
-            return RunResult(Status.SANDBOX_ERROR, stderr=f"{type(e).__name__}: {e}")
+            if container is None or not container.alive():
+                if container is not None:
+                    self._forget(container)
+                container = self._start_container()
+                if container is None:
+                    return every(Status.SANDBOX_ERROR, f"the sandbox cannot start: {self.start_error}")
+            compile_s = self.compile_limits.wall_s if LANGUAGES[language]["compile"] else 0.0
+            budget = compile_s + len(tests) * (lim.wall_s + 1.0) + 10.0
+            ooms = container.oom_kills()
+            try:
+                reply = container.request(self._job(program, language, tests, lim), budget)
+            except SandboxUnavailable as e:
+                self._forget(container)
+                container = None
+                return every(Status.SANDBOX_ERROR, str(e))
+            out_of_memory = container.oom_kills() > ooms
+        finally:
+            self._idle.put(container)
+        if "error" in reply:
+            return every(Status.SANDBOX_ERROR, str(reply["error"]))
+        facts = list(reply.get("results", []))
+        if LANGUAGES[language]["compile"]:
+            compiled = facts.pop(0)
+            if classify(compiled) != Status.OK:
+                r = _result(compiled, Status.COMPILE_ERROR)
+                return [RunResult(Status.COMPILE_ERROR, stderr=r.stderr, exit_code=r.exit_code, wall_s=r.wall_s)
+                        for _ in tests]
+        if len(facts) != len(tests):
+            return every(Status.SANDBOX_ERROR, f"the container answered {len(facts)} results for {len(tests)} tests")
+        results = [_judge(_result(f), t, checker) for f, t in zip(facts, tests)]
+        if out_of_memory:  # the container's cgroup ran out: the killed executions failed for memory
+            for r in results:
+                if r.status in (Status.RUNTIME_ERROR, Status.SANDBOX_ERROR):
+                    r.status = Status.MEMORY
+        return results
 
-    def run(self, program: str, *, language: str = "python", stdin: str = "", limits: Limits | None = None) -> RunResult:
-        """Execute ``program`` with ``stdin``; never raises for anything the program does."""
-        return self._result(self._submit(program, language, stdin, limits))
+    def _forget(self, container: Container) -> None:
+        container.kill()
+        if container in self._containers:
+            self._containers.remove(container)
 
-    def run_batch(self, requests: Sequence[RunRequest]) -> list[RunResult]:
-        """Run many requests on the worker pool; results come back in request order."""
-        futures = [self._submit(r.program, r.language, r.stdin, r.limits) for r in requests]
-        return [self._result(f) for f in futures]
+    def run(self, program: str, *, language: str = "python", stdin: str = "", expected: str | None = None,
+            limits: Limits | None = None, checker: Checker | None = None) -> RunResult:
+        """Execute ``program`` once on ``stdin``; with ``expected``, a wrong output is WRONG_ANSWER."""
+        if not isinstance(stdin, str):
+            raise ValueError(f"stdin: must be a str, got {type(stdin).__name__}")
+        if expected is not None and not isinstance(expected, str):
+            raise ValueError(f"expected: must be a str or None, got {type(expected).__name__}")
+        return self._execute(program, language, [TestCase(stdin, expected)], limits, checker)[0]
+
+    def run_tests(self, program: str, tests: Sequence[TestCase], *, language: str = "python",
+                  limits: Limits | None = None, checker: Checker | None = None) -> list[RunResult]:
+        """Execute ``program`` once per test (one compile for C++); one :class:`RunResult` per test."""
+        return self._execute(program, language, _checked_tests(tests, "tests"), limits, checker)
+
+    def run_batch(self, requests: Sequence[RunRequest], *, checker: Checker | None = None) -> list[list[RunResult]]:
+        """Run many programs on the pool at once; results in request order, one list per request."""
+        tests = [_checked_tests(r.tests, f"requests[{i}].tests") for i, r in enumerate(requests)]
+        futures = [self._threads.submit(self._execute, r.program, r.language, t, r.limits, checker)
+                   for r, t in zip(requests, tests)]
+        return [f.result() for f in futures]
 
 
-def _write_for_nobody(path: str, text: str) -> None:
-    with open(path, "w", encoding="utf-8", errors="replace") as f:
-        f.write(text)
-    if os.getuid() == 0:
-        os.chown(path, NOBODY, NOBODY)
+def _checked_tests(tests: Sequence[TestCase], name: str) -> list[TestCase]:
+    tests = list(tests)
+    if not tests:
+        raise ValueError(f"{name}: empty")
+    for i, t in enumerate(tests):
+        if not (isinstance(t, TestCase) and isinstance(t.stdin, str) and isinstance(t.suffix, str)
+                and (t.expected is None or isinstance(t.expected, str))):
+            raise ValueError(f"{name}[{i}]: expected a TestCase of str fields, got {t!r:.80}")
+    return tests
