@@ -18,7 +18,7 @@ if [ ${#missing[@]} -gt 0 ]; then
     (apt-get install -y --no-install-recommends "${missing[@]}" >/dev/null 2>&1) || \
       { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq --no-install-recommends "${missing[@]}"; }
   else
-    echo "[install] warning: missing Debian packages ${missing[*]} (need root + apt-get); the sandbox falls back to unshare(1)" >&2
+    echo "[install] warning: missing Debian packages ${missing[*]} (need root + apt-get); the sandbox then reports SANDBOX_ERROR and its tests skip" >&2
   fi
 fi
 
