@@ -12,13 +12,7 @@ from k15sys.algo import CurriculumSampler, PrioritizedSampler, RepeatDetector, f
 from k15sys.rollout import Completion, PartialRolloutScheduler, ReplayBuffer, SamplingParams, TorchEngine
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models on a shared 2-core box: intra-op threads only add synchronisation (10-100x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class ScriptedEngine:

@@ -11,13 +11,7 @@ from k15sys.algo import RepeatDetector, find_repeat
 from k15sys.rollout import Completion, RolloutEngine, SamplingParams, TorchEngine
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models on a shared 2-core box: intra-op threads only add synchronisation (10-100x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
