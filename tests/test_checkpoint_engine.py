@@ -42,6 +42,14 @@ def _tensors(version: int, part: int = 0) -> dict[str, torch.Tensor]:
     return {f"p{part}.{k}": v for k, v in out.items()}
 
 
+def _sent(scenario: str, version: int, part: int) -> dict[str, torch.Tensor]:
+    """What source ``part`` sends: in "grow", version 3 adds a tensor (its header changes)."""
+    out = _tensors(version, part)
+    if scenario == "grow" and version >= 3:
+        out[f"p{part}.extra"] = torch.full((3, 7), 2.5)
+    return out
+
+
 def _same(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> bool:
     return got.keys() == want.keys() and all(got[k].dtype == want[k].dtype and torch.equal(got[k], want[k])
                                              for k in want)
@@ -52,8 +60,15 @@ def _worker(rank: int, world: int, port: int, out_dir: str, scenario: str) -> No
                             timeout=datetime.timedelta(seconds=TIMEOUT_S))
     sources = [0, 1] if scenario == "multi" else [0]
     parts = range(len(sources))
-    eng = CheckpointEngine(src=sources if len(sources) > 1 else 0, bucket_bytes=4096, verify=scenario != "multi")
-    log: dict = {"errors": [], "applied": [], "exact": []}
+    eng = CheckpointEngine(src=sources if len(sources) > 1 else 0, bucket_bytes=4096, verify=scenario in ("good", "src_dies"))
+    log: dict = {"errors": [], "applied": [], "exact": [], "object_broadcasts": 0}
+    real_object_broadcast = dist.broadcast_object_list
+
+    def counting_object_broadcast(*args, **kwargs):
+        log["object_broadcasts"] += 1
+        return real_object_broadcast(*args, **kwargs)
+
+    dist.broadcast_object_list = counting_object_broadcast
     if rank == 0:
         for bad in ([7], [0, 0], list(range(world))):
             try:
@@ -69,7 +84,8 @@ def _worker(rank: int, world: int, port: int, out_dir: str, scenario: str) -> No
         applied[current["v"]] = {n: t.clone() for n, t in named}
         log["applied"].append(current["v"])
 
-    versions = {"good": [1, 2, 3, 4, 5], "src_dies": [1, 2], "receiver_dies": [1, 2], "multi": [1, 2]}[scenario]
+    versions = {"good": [1, 2, 3, 4, 5], "src_dies": [1, 2], "receiver_dies": [1, 2], "multi": [1, 2],
+                "grow": [1, 2, 3, 4]}[scenario]
     for v in versions:
         current["v"] = v
         if scenario == "receiver_dies" and v == 2 and rank == 2:
@@ -79,6 +95,8 @@ def _worker(rank: int, world: int, port: int, out_dir: str, scenario: str) -> No
             real = dist.broadcast
 
             def dying_broadcast(*args, **kwargs):
+                if not kwargs.get("async_op"):  # the header's (version, digest) tensor: not a bucket
+                    return real(*args, **kwargs)
                 sent["n"] += 1
                 if sent["n"] == 3:  # buckets 0 and 1 went out; the trainer dies before the last one
                     time.sleep(0.5)
@@ -102,17 +120,19 @@ def _worker(rank: int, world: int, port: int, out_dir: str, scenario: str) -> No
         t0 = time.monotonic()
         try:
             if rank in sources:
-                eng.update(v, named_tensors=_tensors(v, sources.index(rank)))
+                eng.update(v, named_tensors=_sent(scenario, v, sources.index(rank)))
             elif in_place:
                 tg = targets
                 if scenario == "good" and v == 3:  # this receiver cannot take the version: all refuse it
                     tg = {k: t for k, t in targets.items() if k != "p0.norm"}
+                if scenario == "grow" and v >= 3:
+                    tg = {**targets, "p0.extra": torch.zeros(3, 7)}
                 eng.update(v, targets=tg)
                 log["applied"].append(v)
-                log["exact"].append(_same(targets, {k: t for p in parts for k, t in _tensors(v, p).items()}))
+                log["exact"].append(_same(tg, {k: t for p in parts for k, t in _sent(scenario, v, p).items()}))
             else:
                 eng.update(v, load_fn=load_fn)
-                log["exact"].append(_same(applied[v], {k: t for p in parts for k, t in _tensors(v, p).items()}))
+                log["exact"].append(_same(applied[v], {k: t for p in parts for k, t in _sent(scenario, v, p).items()}))
         except WeightSyncError as e:
             log["errors"].append({"version": v, "msg": str(e)[:300], "seconds": time.monotonic() - t0})
             if in_place:
@@ -130,7 +150,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str, scenario: str) -> No
                 log.setdefault("bad_calls", []).append(str(e).split(":")[0])
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(log, f)
-    if scenario in ("good", "multi"):
+    if scenario in ("good", "multi", "grow"):
         dist.destroy_process_group()
 
 
@@ -168,6 +188,16 @@ def test_versions_exact_bytes_refusal_and_corruption(tmp_path):
     for log in logs[1:]:
         assert log["applied"] == [1, 2, 5] and log["exact"] == [True, True, True]
     assert logs[2]["untouched"] == [True, True]  # the corrupted bytes were written in place, then rolled back
+
+
+def test_header_travels_again_when_the_tensors_change(tmp_path):
+    """The header travels with v1, v2 sends only its digest, v3 adds a tensor: header sent again; v4 digest."""
+    logs = _run(tmp_path, "grow")
+    for log in logs:
+        assert log["errors"] == [] and log["version"] == 4
+        assert log["object_broadcasts"] == 2
+    for log in logs[1:]:
+        assert log["exact"] == [True] * 4
 
 
 def test_source_dying_mid_transfer_leaves_old_version(tmp_path):

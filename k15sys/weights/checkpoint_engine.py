@@ -24,6 +24,7 @@ One call per weight version, on every rank of a ``torch.distributed`` group (NCC
 from __future__ import annotations
 
 import hashlib
+import pickle
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -48,6 +49,13 @@ class _Entry:
     bucket: int
     offset: int  # bytes
     nbytes: int
+
+
+@dataclass(frozen=True)
+class _Header:
+    entries: list[_Entry]
+    sizes: list[int]  # bytes per bucket
+    key: tuple[int, int]  # 128-bit digest of (entries, sizes), as two int64
 
 
 def _plan_buckets(tensors: dict[str, torch.Tensor], bucket_bytes: int) -> tuple[list[_Entry], list[int]]:
@@ -197,6 +205,8 @@ class CheckpointEngine:
         self._ring: list[torch.Tensor] = []  # two reusable bucket buffers
         self._pinned: list[torch.Tensor] = []  # two pinned host buffers (pageable host sources on a GPU)
         self._backup: torch.Tensor | None = None  # old bytes of the in-place targets
+        self._known: dict[int, _Header] = {}  # last header seen from each source
+        self._own: tuple[tuple, _Header] | None = None  # (signature of the tensors, header) on a source
 
     # ------------------------------------------------------------------ one version
     def update(self, version: int, named_tensors: dict[str, torch.Tensor] | None = None,
@@ -270,21 +280,48 @@ class CheckpointEngine:
 
     def _headers(self, version: int,
                  tensors: dict[str, torch.Tensor] | None) -> tuple[list[tuple[list[_Entry], list[int]]], str | None]:
-        """Every source's header, and why this rank refuses them (None when it accepts)."""
-        headers, reason = [], None
+        """Every source's header, and why this rank refuses them (None when it accepts).
+
+        Each source broadcasts (version, header digest) in a small tensor; the header itself (an object
+        broadcast, ~1-2 ms for hundreds of tensors) travels only when some rank has not seen that digest
+        yet, i.e. on the first version or when the set of tensors changes."""
+        metas = []
         for s in self.sources:
-            mine = self.rank == s
-            msg = [(version, *_plan_buckets(tensors, self.bucket_bytes))] if mine else [None]  # type: ignore[arg-type]
-            dist.broadcast_object_list(msg, src=s, group=self.group)
-            v, entries, sizes = msg[0]  # type: ignore[misc]
+            key = (0, 0)
+            if self.rank == s:
+                header = self._own_header(tensors)  # type: ignore[arg-type]
+                self._known[s] = header
+                key = header.key
+            meta = torch.tensor([version, *key], dtype=torch.int64, device=self.device)
+            dist.broadcast(meta, src=s, group=self.group)
+            metas.append(meta)
+        reason = None
+        got = torch.stack(metas).tolist()
+        for s, (v, *key) in zip(self.sources, got):
             if v != version:
                 reason = reason or f"source rank {s} sends version {v}, rank {self.rank} expects {version}"
-            headers.append((entries, sizes))
+        known = all(s in self._known and list(self._known[s].key) == key for s, (_, *key) in zip(self.sources, got))
+        if not self._vote(known):
+            for s in self.sources:
+                msg = [self._known[s]] if self.rank == s else [None]
+                dist.broadcast_object_list(msg, src=s, group=self.group)
+                self._known[s] = msg[0]
+        headers = [(self._known[s].entries, self._known[s].sizes) for s in self.sources]
         names = [e.name for entries, _ in headers for e in entries]
         if len(set(names)) != len(names):
             dup = next(n for n in names if names.count(n) > 1)
             reason = reason or f"tensor {dup!r} is sent by more than one source"
         return headers, reason
+
+    def _own_header(self, tensors: dict[str, torch.Tensor]) -> _Header:
+        """This source's header, rebuilt only when names, shapes or dtypes change."""
+        signature = tuple((n, tuple(t.shape), t.dtype) for n, t in tensors.items())
+        if self._own is None or self._own[0] != signature:
+            entries, sizes = _plan_buckets(tensors, self.bucket_bytes)
+            digest = hashlib.blake2b(pickle.dumps((entries, sizes)), digest_size=16).digest()
+            key = (int.from_bytes(digest[:8], "little", signed=True), int.from_bytes(digest[8:], "little", signed=True))
+            self._own = (signature, _Header(entries, sizes, key))
+        return self._own[1]
 
     def _vote(self, ok: bool) -> bool:
         flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=self.device)
