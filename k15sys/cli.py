@@ -41,7 +41,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from k15sys.train import distributed
     from k15sys.train.trainer import Trainer
 
-    distributed.init_from_env()
+    distributed.init_from_env(cfg.run.device)
     Trainer(cfg).run(resume=args.resume)
     return 0
 

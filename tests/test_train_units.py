@@ -7,13 +7,14 @@ import pytest
 import torch
 
 from k15sys.rewards import math_reward
-from k15sys.tasks import CharTokenizer, make_problem, make_splits, solution
+from k15sys.tasks import CharTokenizer, direct_answer, make_problem, make_splits, solution
 from k15sys.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from k15sys.train.config import Config, ConfigError, ModelConfig, load_config
 from k15sys.train.metrics import MetricsLog, read_metrics
 from k15sys.train.model import build_model
 from k15sys.train.packing import IGNORE_INDEX, pack
 from k15sys.train.policy import PackedPolicy
+from k15sys.train.sft import sft_examples
 
 
 def _eval_chain(text: str) -> int:
@@ -50,6 +51,25 @@ def test_splits_are_disjoint_seeded_and_labelled():
         make_splits(seed=0, num_train=1, num_eval=1, min_ops=3, max_ops=2, max_operand=9)
 
 
+def test_direct_answers_verify_and_mix_into_sft_data():
+    splits = make_splits(seed=1, num_train=50, num_eval=5, min_ops=2, max_ops=3, max_operand=9)
+    p = splits.train[0]
+    assert direct_answer(p) == f"\\boxed{{{p.answer}}}" and math_reward(direct_answer(p), p.answer) == 1.0
+    tok = CharTokenizer()
+    seqs, plens = sft_examples(splits.train, tok, rng=random.Random(0), verify_prob=0.5, n=400, direct_prob=0.6)
+    direct = sum(tok.decode(s[n:]).startswith("\\boxed") for s, n in zip(seqs, plens))
+    assert 200 <= direct <= 280  # ~60% of 400
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_cuda_device_without_cuda_is_a_clear_error():
+    from k15sys.train.distributed import resolve_device
+
+    assert resolve_device("auto").type == "cpu"
+    with pytest.raises(ValueError, match="run.device"):
+        resolve_device("cuda")
+
+
 def test_tokenizer_rejects_unknown_characters():
     with pytest.raises(ValueError, match="'x'"):
         CharTokenizer().encode("1+x")
@@ -61,7 +81,8 @@ def test_config_yaml_default_overrides_and_errors(tmp_path):
     assert cfg.rl.lr == 1e-4 and cfg.rl.sampler == "prioritized"
     for bad, key in [("rl.nope=1", "rl.nope"), ("rl.group_size=0", "rl.group_size"), ("rl.lr=fast", "rl.lr"),
                      ("model.num_kv_heads=3", "model.num_kv_heads"), ("rl.baseline=median", "rl.baseline"),
-                     ("nosection.x=1", "nosection"), ("rl.minibatch_size=12", "rl.minibatch_size")]:
+                     ("nosection.x=1", "nosection"), ("rl.minibatch_size=12", "rl.minibatch_size"),
+                     ("run.device=tpu", "run.device")]:
         with pytest.raises(ConfigError, match=f"^{key}"):
             load_config(None, [bad])
     f = tmp_path / "c.yaml"

@@ -13,9 +13,10 @@ The long-CoT trace checks each step by inverting it (the bracket), as a long cha
 its work; each check is present with probability ``verify_prob``, so long traces vary in length, which
 is what long2short (2.4) shortens.
 
-:func:`guess` is an unreasoned answer, ``\\boxed{N}`` with N off by 1-3: warm-up data mixes such
-answers in (``TaskConfig.guess_prob``), as distilled data of mixed quality does, so the SFT model
-sometimes answers without reasoning; RL with the verifier learns that reasoning pays.
+:func:`direct_answer` is the gold answer with no working, ``\\boxed{17}``: warm-up data can mix such
+answers in (``TaskConfig.direct_prob``), as distilled data of mixed styles does, so the SFT model
+sometimes answers without reasoning -- which a small model cannot do reliably on multi-step chains;
+RL with the verifier then learns that reasoning first pays.
 """
 from __future__ import annotations
 
@@ -73,11 +74,9 @@ def solution(problem: Problem, *, rng: random.Random | None = None, verify_prob:
     return "=".join(parts) + f";\\boxed{{{value}}}"
 
 
-def guess(problem: Problem, rng: random.Random) -> str:
-    """A direct answer without reasoning, always wrong: the true answer off by 1 to 3 (never negative)."""
-    value = int(problem.answer)
-    offsets = [d for d in (-3, -2, -1, 1, 2, 3) if value + d >= 0]
-    return f"\\boxed{{{value + rng.choice(offsets)}}}"
+def direct_answer(problem: Problem) -> str:
+    """The gold answer with no working: ``\\boxed{answer}``."""
+    return f"\\boxed{{{problem.answer}}}"
 
 
 @dataclass(frozen=True)

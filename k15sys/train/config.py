@@ -35,7 +35,7 @@ class TaskConfig:
     max_ops: int = _opt(5, "most operations per problem", min=1)
     max_operand: int = _opt(9, "operands are drawn from [1, max_operand]", min=1)
     verify_prob: float = _opt(0.7, "long-CoT traces: probability of a check after each step", min=0.0)
-    guess_prob: float = _opt(0.0, "SFT data: share of unreasoned direct answers (wrong by 1-3) mixed in", min=0.0)
+    direct_prob: float = _opt(0.0, "SFT data: share of direct answers (the boxed answer, no working) mixed in", min=0.0)
 
 
 @dataclass
@@ -124,6 +124,9 @@ class RunConfig:
     """Run-level options."""
 
     output_dir: str = _opt("runs/default", "directory for metrics.jsonl, tensorboard/, checkpoints/")
+    device: str = _opt("auto", "where policy and rollout engine run: auto (cuda when available; one GPU per rank "
+                       "under torchrun), cpu or cuda; on cuda the policy's attention is k15sys varlen_attention",
+                       choices=("auto", "cpu", "cuda"))
     seed: int = _opt(0, "seed of sampling, rollouts and minibatch order", min=0)
     threads: int = _opt(1, "torch intra-op threads (0 = torch default); 1 keeps runs bit-reproducible", min=0)
     checkpoint_every: int = _opt(10, "save a checkpoint every this many RL iterations", min=1)
@@ -190,7 +193,7 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
 def _cross_checks(cfg: Config) -> None:
     if cfg.task.max_ops < cfg.task.min_ops:
         raise ConfigError(f"task.max_ops: must be >= task.min_ops={cfg.task.min_ops}, got {cfg.task.max_ops}")
-    for key in ("verify_prob", "guess_prob"):
+    for key in ("verify_prob", "direct_prob"):
         if getattr(cfg.task, key) > 1:
             raise ConfigError(f"task.{key}: must be <= 1, got {getattr(cfg.task, key)}")
     if cfg.model.num_heads % cfg.model.num_kv_heads:

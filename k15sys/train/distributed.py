@@ -16,10 +16,28 @@ import torch.distributed as dist
 from torch import nn
 
 
-def init_from_env() -> None:
-    """Initialise the default process group when launched by torchrun (``WORLD_SIZE`` > 1)."""
+def init_from_env(device: str = "auto") -> None:
+    """Initialise the default process group when launched by torchrun (``WORLD_SIZE`` > 1): NCCL with one
+    GPU per rank (``LOCAL_RANK``) when the run uses CUDA (``device`` "cuda", or "auto" with GPUs), else gloo."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        if resolve_device(device).type == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            dist.init_process_group("nccl")
+        else:
+            dist.init_process_group("gloo")
+
+
+def resolve_device(device: str) -> torch.device:
+    """``run.device`` as a torch device: "auto" is CUDA when available; under torchrun, this rank's GPU."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("run.device: 'cuda' requested but torch sees no CUDA device")
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    if device != "cpu":
+        raise ValueError(f"run.device: expected auto, cpu or cuda, got {device!r}")
+    return torch.device("cpu")
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -142,9 +160,16 @@ def max_int(value: int) -> int:
     """Maximum of an int over ranks."""
     if not _distributed():
         return value
-    t = torch.tensor([value], dtype=torch.int64)
+    t = torch.tensor([value], dtype=torch.int64, device=_collective_device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return int(t.item())
+
+
+def _collective_device() -> torch.device:
+    """Where tensors of a collective must live: this rank's GPU under NCCL, else the CPU."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def broadcast_object(obj: Any) -> Any:

@@ -30,6 +30,11 @@ class PackedBatch:
     cu_seqlens: torch.Tensor  # [S + 1] int32
     num_seqs: int
 
+    def to(self, device: torch.device | str) -> "PackedBatch":
+        """The same batch with every tensor on ``device``."""
+        return PackedBatch(self.input_ids.to(device), self.position_ids.to(device), self.labels.to(device),
+                           self.seq_index.to(device), self.cu_seqlens.to(device), self.num_seqs)
+
     @property
     def num_tokens(self) -> int:
         return int((self.seq_index >= 0).sum())

@@ -36,6 +36,7 @@ class PackedPolicy(nn.Module):
         self.lm = lm
 
     def forward(self, batch: PackedBatch, *, return_entropy: bool = False) -> PackedLogprobs:  # type: ignore[override]
+        batch = batch.to(self.lm.get_input_embeddings().weight.device)
         hidden = self.lm.model(
             input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False
         ).last_hidden_state.flatten(0, 1)

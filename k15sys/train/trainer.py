@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from k15sys.algo import CurriculumSampler, LengthPenaltySchedule, PrioritizedSampler, length_penalty, penalize_repeats, pmd_loss
+from k15sys.integrations.transformers_attention import register
 from k15sys.rewards import math_reward
 from k15sys.rollout import Group, PartialRolloutScheduler, ReplayBuffer, SamplingParams, TorchEngine
 from k15sys.tasks import CharTokenizer, make_splits
@@ -39,6 +40,7 @@ from k15sys.train.model import build_model
 from k15sys.train.packing import pack
 from k15sys.train.policy import PackedPolicy
 from k15sys.train.sft import sft_steps
+from k15sys.weights import push_weights
 
 
 def _progress(iterable: Any, enabled: bool, **kw: Any) -> Any:
@@ -70,11 +72,15 @@ class Trainer:
         self.splits = make_splits(seed=t.seed, num_train=t.num_train, num_eval=t.num_eval, min_ops=t.min_ops,
                                   max_ops=t.max_ops, max_operand=t.max_operand)
         tok = self.tokenizer
+        self.device = dist_utils.resolve_device(cfg.run.device)
         lm = build_model(cfg.model, tok.vocab_size, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                          pad_token_id=tok.pad_token_id)
-        # the rollout engine holds its own copy of the weights, refreshed after every step (weight sync)
-        self.engine = TorchEngine(copy.deepcopy(lm), pad_token_id=tok.pad_token_id)
-        self.policy = dist_utils.shard(PackedPolicy(lm))
+        # the rollout engine holds its own copy of the weights (decoding with a KV cache through SDPA),
+        # refreshed after every step (weight sync)
+        self.engine = TorchEngine(copy.deepcopy(lm), pad_token_id=tok.pad_token_id, device=self.device)
+        if self.device.type == "cuda":  # packed training rows: the Triton varlen kernel, no [T, T] mask
+            lm.set_attn_implementation(register())
+        self.policy = dist_utils.shard(PackedPolicy(lm.to(self.device)))
         self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=cfg.rl.lr, betas=(0.9, 0.98), weight_decay=0.0)
         self.prompts = [tok.encode(p.prompt, bos=True) for p in self.splits.train]
         self.scheduler = PartialRolloutScheduler(
@@ -125,7 +131,7 @@ class Trainer:
         """Long-CoT warm-up (paper 2.3.1) on the training problems; then the engine gets the weights."""
         c = self.cfg
         steps = sft_steps(self.policy, self.splits.train, self.tokenizer, c.sft, verify_prob=c.task.verify_prob,
-                          guess_prob=c.task.guess_prob, seed=c.run.seed, row_tokens=c.run.pack_row_tokens)
+                          direct_prob=c.task.direct_prob, seed=c.run.seed, row_tokens=c.run.pack_row_tokens)
         for row in _progress(steps, c.run.progress and self.rank == 0, desc="sft", total=c.sft.steps):
             self.metrics.scalar("sft/loss", row["sft/loss"], int(row["sft/step"]))
         self.sync_weights()
@@ -247,7 +253,8 @@ class Trainer:
                 out = forward(idx, entropy=True)
                 seq_logp = self._seq_logp(out)
                 if idx:
-                    loss = pmd_loss(seq_logp, ref[idx], rewards[idx], group_size=k, tau=cfg.tau, baseline=cfg.baseline)
+                    loss = pmd_loss(seq_logp, ref[idx], rewards[idx].to(seq_logp.device), group_size=k, tau=cfg.tau,
+                                    baseline=cfg.baseline)
                 else:
                     loss = 0.0 * seq_logp.sum()
                 self.optimizer.zero_grad(set_to_none=True)
@@ -274,10 +281,11 @@ class Trainer:
         return out.seq_logp
 
     def sync_weights(self) -> None:
-        """Trainer -> rollout engine (full, unsharded weights in HF names)."""
+        """Trainer -> rollout engine: full, unsharded weights in HF names through ``k15sys.weights.push_weights``
+        (the in-process path; the engine applies a version all-or-nothing)."""
         if self.cfg.run.colocate:
             self.engine.wake()
-        self.engine.update_weights(dist_utils.full_state_dict(self.policy.lm).items())
+        push_weights(self.engine, dist_utils.full_state_dict(self.policy.lm))
 
     # ------------------------------------------------------------------ evaluation / state
     def _evaluate(self) -> dict[str, float]:
