@@ -3,9 +3,16 @@
 Layout: q [T, Hq, D], k/v [T, Hkv, D] with sequences packed along T and delimited by ``cu_seqlens``.
 Query head h reads kv head ``h // GROUP``. The forward keeps a running max / sum per row (online softmax,
 base-2 exponentials with the scale folded in) and saves the log-sum-exp (base 2) for the backward. The
-backward recomputes probabilities block by block: one kernel accumulates dK/dV per KV block over every
-query block (and every query head of the GQA group), another accumulates dQ per query block. Blocks past
-a sequence's end exit at once; causal blocks above the diagonal are never visited.
+backward recomputes probabilities block by block: one kernel accumulates dK/dV per key block over every
+query block (and every query head of the GQA group), with keys as the rows of its tiles (``k @ q^T``, so that
+P^T and dS^T feed the next products straight from registers); another accumulates dQ per query block.
+
+The tiles streamed in the inner loops are read through tensor descriptors (TMA on Hopper) over the
+``[T, heads * D]`` views, built on the host by ``k15sys.ops.attention``. Each loop is split in two kinds of
+block: blocks strictly off the causal diagonal and inside the sequence run with no mask at all; only the
+diagonal blocks and the block at a sequence's ragged end (whose rows past the end hold the next sequence, or
+zeros past T) take the masked path. Blocks past a sequence's end exit at once; causal blocks above the
+diagonal are never visited. Query-block kernels run the longest (last) blocks first.
 """
 from __future__ import annotations
 
@@ -14,21 +21,30 @@ import triton.language as tl
 
 
 @triton.jit
-def _softmax_step(s, v, m_i, l_i, acc):
+def _fwd_block(q, k_desc, v_desc, row_n, col, m_i, l_i, acc, offs_m, offs_n, L, scale_log2,
+               CAUSAL: tl.constexpr, MASK: tl.constexpr):
     """One key block of the online softmax: rescale the running sums to the new row max, add p @ v."""
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    p = tl.exp2(s - m_new[:, None])
+    k = k_desc.load([row_n, col])
+    v = v_desc.load([row_n, col])
+    s = tl.dot(q, tl.trans(k))
+    if MASK:
+        valid = offs_n[None, :] < L
+        if CAUSAL:
+            valid = valid & (offs_m[:, None] >= offs_n[None, :])
+        s = tl.where(valid, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1) * scale_log2)
+    p = tl.exp2(s * scale_log2 - m_new[:, None])
     alpha = tl.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
     return m_new, l_i, acc
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, O, LSE, CU, scale_log2, HQ, s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_ot, s_oh,
+def _fwd_kernel(q_desc, k_desc, v_desc, O, LSE, CU, scale_log2, HQ, s_ot, s_oh,
                 GROUP: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 D: tl.constexpr):
-    pid_m = tl.program_id(0)
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // HQ
     h = bh % HQ
@@ -37,36 +53,26 @@ def _fwd_kernel(Q, K, V, O, LSE, CU, scale_log2, HQ, s_qt, s_qh, s_kt, s_kh, s_v
     if pid_m * BLOCK_M < L:
         kvh = h // GROUP
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_nb = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, D)
         row = (start + offs_m).to(tl.int64)
-        q = tl.load(Q + row[:, None] * s_qt + h * s_qh + offs_d[None, :], mask=offs_m[:, None] < L, other=0.0)
+        q = q_desc.load([start + pid_m * BLOCK_M, h * D])
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, D], tl.float32)
-        # blocks entirely below the diagonal need no mask; the diagonal ones (and the ragged end) do
-        full = 0
-        hi = L
+        # key blocks below the diagonal (and inside the sequence) need no mask; the diagonal / ragged end do
         if CAUSAL:
             full = (pid_m * BLOCK_M) // BLOCK_N * BLOCK_N
             hi = tl.minimum(L, (pid_m + 1) * BLOCK_M)
+        else:
+            full = L // BLOCK_N * BLOCK_N
+            hi = L
         for n0 in range(0, full, BLOCK_N):
-            offs_n = n0 + tl.arange(0, BLOCK_N)
-            col = (start + offs_n).to(tl.int64)
-            kt = tl.load(K + col[None, :] * s_kt + kvh * s_kh + offs_d[:, None])
-            v = tl.load(V + col[:, None] * s_vt + kvh * s_vh + offs_d[None, :])
-            s = tl.dot(q, kt).to(tl.float32) * scale_log2
-            m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc)
+            m_i, l_i, acc = _fwd_block(q, k_desc, v_desc, start + n0, kvh * D, m_i, l_i, acc, offs_m,
+                                       n0 + offs_nb, L, scale_log2, CAUSAL, False)
         for n0 in range(full, hi, BLOCK_N):
-            offs_n = n0 + tl.arange(0, BLOCK_N)
-            col = (start + offs_n).to(tl.int64)
-            kt = tl.load(K + col[None, :] * s_kt + kvh * s_kh + offs_d[:, None], mask=offs_n[None, :] < L, other=0.0)
-            v = tl.load(V + col[:, None] * s_vt + kvh * s_vh + offs_d[None, :], mask=offs_n[:, None] < L, other=0.0)
-            s = tl.dot(q, kt).to(tl.float32) * scale_log2
-            valid = offs_n[None, :] < L
-            if CAUSAL:
-                valid = valid & (offs_m[:, None] >= offs_n[None, :])
-            s = tl.where(valid, s, float("-inf"))
-            m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc)
+            m_i, l_i, acc = _fwd_block(q, k_desc, v_desc, start + n0, kvh * D, m_i, l_i, acc, offs_m,
+                                       n0 + offs_nb, L, scale_log2, CAUSAL, True)
         out = acc / l_i[:, None]
         tl.store(O + row[:, None] * s_ot + h * s_oh + offs_d[None, :], out.to(O.dtype.element_ty),
                  mask=offs_m[:, None] < L)
@@ -87,46 +93,78 @@ def _bwd_pre_kernel(O, DO, DELTA, T, HQ, s_ot, s_oh, BLOCK: tl.constexpr, D: tl.
 
 
 @triton.jit
-def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU, scale_log2, scale, HQ, HKV,
-                     s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_dot, s_doh, s_dkt, s_dkh, s_dvt, s_dvh,
+def _dkdv_block(dk, dv, k, v, q_desc, do_desc, LSE_s, DELTA_s, i, lo, start, kvh, offs_mb, offs_n, L, HQ, scale_log2,
+                GROUP: tl.constexpr, BLOCK_M: tl.constexpr, D: tl.constexpr, CAUSAL: tl.constexpr,
+                MASK: tl.constexpr):
+    """Step i of a loop over (query block, query head of the GQA group) pairs from query block ``lo`` on: that
+    block's contribution to dK, dV of a key block. Keys are the tile rows (p^T, dS^T are [keys, queries]).
+    Columns past the sequence end only touch dK/dV rows that are never stored."""
+    h = kvh * GROUP + i % GROUP
+    offs_m = lo + (i // GROUP) * BLOCK_M + offs_mb
+    q = q_desc.load([start + lo + (i // GROUP) * BLOCK_M, h * D])
+    do = do_desc.load([start + lo + (i // GROUP) * BLOCK_M, h * D])
+    if MASK:
+        mrow = offs_m < L
+        lse = tl.load(LSE_s + offs_m * HQ + h, mask=mrow, other=0.0)
+        delta = tl.load(DELTA_s + offs_m * HQ + h, mask=mrow, other=0.0)
+    else:
+        lse = tl.load(LSE_s + offs_m * HQ + h)
+        delta = tl.load(DELTA_s + offs_m * HQ + h)
+    pT = tl.exp2(tl.dot(k, tl.trans(q)) * scale_log2 - lse[None, :])
+    if MASK:
+        valid = offs_m[None, :] < L
+        if CAUSAL:
+            valid = valid & (offs_m[None, :] >= offs_n[:, None])
+        pT = tl.where(valid, pT, 0.0)
+    dv = tl.dot(pT.to(do.dtype), do, dv)
+    dpT = tl.dot(v, tl.trans(do))
+    dsT = pT * (dpT - delta[None, :])
+    dk = tl.dot(dsT.to(q.dtype), q, dk)
+    return dk, dv
+
+
+@triton.jit
+def _bwd_dkdv_kernel(q_desc, K, V, do_desc, LSE, DELTA, DK, DV, CU, scale_log2, scale, HQ, HKV,
+                     s_kt, s_kh, s_vt, s_vh, s_dkt, s_dkh, s_dvt, s_dvh,
                      GROUP: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      D: tl.constexpr):
-    pid_n = tl.program_id(0)
+    pid_n = tl.program_id(0)  # key blocks near the start have the most query blocks: they go first
     bh = tl.program_id(1)
     b = bh // HKV
     kvh = bh % HKV
     start = tl.load(CU + b)
     L = tl.load(CU + b + 1) - start
-    if pid_n * BLOCK_N < L:
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_start = pid_n * BLOCK_N
+    if n_start < L:
+        offs_n = n_start + tl.arange(0, BLOCK_N)
+        offs_mb = tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, D)
         col = (start + offs_n).to(tl.int64)
         k = tl.load(K + col[:, None] * s_kt + kvh * s_kh + offs_d[None, :], mask=offs_n[:, None] < L, other=0.0)
         v = tl.load(V + col[:, None] * s_vt + kvh * s_vh + offs_d[None, :], mask=offs_n[:, None] < L, other=0.0)
         dk = tl.zeros([BLOCK_N, D], tl.float32)
         dv = tl.zeros([BLOCK_N, D], tl.float32)
-        lo = 0
+        LSE_s = LSE + start.to(tl.int64) * HQ
+        DELTA_s = DELTA + start.to(tl.int64) * HQ
+        # query blocks [lo, mid) straddle the diagonal; [mid, L_full) need no mask; [L_full, L) is the ragged end.
+        # Each range is one flat loop over (query block, query head) pairs: no nested loop around the pipelined one.
         if CAUSAL:
-            lo = (pid_n * BLOCK_N) // BLOCK_M * BLOCK_M
-        for g in range(GROUP):
-            h = kvh * GROUP + g
-            for m0 in range(lo, L, BLOCK_M):
-                offs_m = m0 + tl.arange(0, BLOCK_M)
-                row = (start + offs_m).to(tl.int64)
-                mrow = offs_m < L
-                q = tl.load(Q + row[:, None] * s_qt + h * s_qh + offs_d[None, :], mask=mrow[:, None], other=0.0)
-                do = tl.load(DO + row[:, None] * s_dot + h * s_doh + offs_d[None, :], mask=mrow[:, None], other=0.0)
-                lse = tl.load(LSE + row * HQ + h, mask=mrow, other=0.0)
-                delta = tl.load(DELTA + row * HQ + h, mask=mrow, other=0.0)
-                s = tl.dot(q, tl.trans(k)).to(tl.float32) * scale_log2
-                valid = mrow[:, None] & (offs_n[None, :] < L)
-                if CAUSAL:
-                    valid = valid & (offs_m[:, None] >= offs_n[None, :])
-                p = tl.where(valid, tl.exp2(s - lse[:, None]), 0.0)
-                dv += tl.dot(tl.trans(p.to(do.dtype)), do).to(tl.float32)
-                dp = tl.dot(do, tl.trans(v)).to(tl.float32)
-                ds = p * (dp - delta[:, None])
-                dk += tl.dot(tl.trans(ds.to(q.dtype)), q).to(tl.float32)
+            lo = n_start // BLOCK_M * BLOCK_M
+            mid = (n_start + BLOCK_N + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+        else:
+            lo = 0
+            mid = 0
+        L_full = L // BLOCK_M * BLOCK_M
+        tail = tl.maximum(mid, L_full)
+        for i in range(0, (tl.minimum(mid, L) - lo + BLOCK_M - 1) // BLOCK_M * GROUP):
+            dk, dv = _dkdv_block(dk, dv, k, v, q_desc, do_desc, LSE_s, DELTA_s, i, lo, start, kvh, offs_mb, offs_n, L,
+                                 HQ, scale_log2, GROUP, BLOCK_M, D, CAUSAL, True)
+        for i in range(0, (L_full - mid) // BLOCK_M * GROUP):
+            dk, dv = _dkdv_block(dk, dv, k, v, q_desc, do_desc, LSE_s, DELTA_s, i, mid, start, kvh, offs_mb, offs_n, L,
+                                 HQ, scale_log2, GROUP, BLOCK_M, D, CAUSAL, False)
+        for i in range(0, (L - tail + BLOCK_M - 1) // BLOCK_M * GROUP):
+            dk, dv = _dkdv_block(dk, dv, k, v, q_desc, do_desc, LSE_s, DELTA_s, i, tail, start, kvh, offs_mb, offs_n,
+                                 L, HQ, scale_log2, GROUP, BLOCK_M, D, CAUSAL, True)
         tl.store(DK + col[:, None] * s_dkt + kvh * s_dkh + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty),
                  mask=offs_n[:, None] < L)
         tl.store(DV + col[:, None] * s_dvt + kvh * s_dvh + offs_d[None, :], dv.to(DV.dtype.element_ty),
@@ -134,11 +172,27 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU, scale_log2, scale, HQ,
 
 
 @triton.jit
-def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU, scale_log2, scale, HQ,
-                   s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_dot, s_doh, s_dqt, s_dqh,
-                   GROUP: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   D: tl.constexpr):
-    pid_m = tl.program_id(0)
+def _dq_block(dq, q, do, lse, delta, k_desc, v_desc, row_n, col, offs_m, offs_n, L, scale_log2,
+              CAUSAL: tl.constexpr, MASK: tl.constexpr):
+    """One key block's contribution to dQ of a query block (rows past the sequence end are never stored)."""
+    k = k_desc.load([row_n, col])
+    v = v_desc.load([row_n, col])
+    p = tl.exp2(tl.dot(q, tl.trans(k)) * scale_log2 - lse[:, None])
+    if MASK:
+        valid = offs_n[None, :] < L
+        if CAUSAL:
+            valid = valid & (offs_m[:, None] >= offs_n[None, :])
+        p = tl.where(valid, p, 0.0)
+    dp = tl.dot(do, tl.trans(v))
+    ds = p * (dp - delta[:, None])
+    return tl.dot(ds.to(k.dtype), k, dq)
+
+
+@triton.jit
+def _bwd_dq_kernel(Q, k_desc, v_desc, DO, LSE, DELTA, DQ, CU, scale_log2, scale, HQ, s_qt, s_qh, s_dot, s_doh,
+                   s_dqt, s_dqh, GROUP: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr, D: tl.constexpr):
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // HQ
     h = bh % HQ
@@ -147,6 +201,7 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU, scale_log2, scale, HQ,
     if pid_m * BLOCK_M < L:
         kvh = h // GROUP
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_nb = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, D)
         row = (start + offs_m).to(tl.int64)
         mrow = offs_m < L
@@ -155,21 +210,17 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU, scale_log2, scale, HQ,
         lse = tl.load(LSE + row * HQ + h, mask=mrow, other=0.0)
         delta = tl.load(DELTA + row * HQ + h, mask=mrow, other=0.0)
         dq = tl.zeros([BLOCK_M, D], tl.float32)
-        hi = L
         if CAUSAL:
+            full = (pid_m * BLOCK_M) // BLOCK_N * BLOCK_N
             hi = tl.minimum(L, (pid_m + 1) * BLOCK_M)
-        for n0 in range(0, hi, BLOCK_N):
-            offs_n = n0 + tl.arange(0, BLOCK_N)
-            col = (start + offs_n).to(tl.int64)
-            k = tl.load(K + col[:, None] * s_kt + kvh * s_kh + offs_d[None, :], mask=offs_n[:, None] < L, other=0.0)
-            v = tl.load(V + col[:, None] * s_vt + kvh * s_vh + offs_d[None, :], mask=offs_n[:, None] < L, other=0.0)
-            s = tl.dot(q, tl.trans(k)).to(tl.float32) * scale_log2
-            valid = mrow[:, None] & (offs_n[None, :] < L)
-            if CAUSAL:
-                valid = valid & (offs_m[:, None] >= offs_n[None, :])
-            p = tl.where(valid, tl.exp2(s - lse[:, None]), 0.0)
-            dp = tl.dot(do, tl.trans(v)).to(tl.float32)
-            ds = p * (dp - delta[:, None])
-            dq += tl.dot(ds.to(k.dtype), k).to(tl.float32)
+        else:
+            full = L // BLOCK_N * BLOCK_N
+            hi = L
+        for n0 in range(0, full, BLOCK_N):
+            dq = _dq_block(dq, q, do, lse, delta, k_desc, v_desc, start + n0, kvh * D, offs_m, n0 + offs_nb, L,
+                           scale_log2, CAUSAL, False)
+        for n0 in range(full, hi, BLOCK_N):
+            dq = _dq_block(dq, q, do, lse, delta, k_desc, v_desc, start + n0, kvh * D, offs_m, n0 + offs_nb, L,
+                           scale_log2, CAUSAL, True)
         tl.store(DQ + row[:, None] * s_dqt + h * s_dqh + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
                  mask=mrow[:, None])

@@ -48,10 +48,36 @@ def test_triton_fp32_matches_float64(lens, HQ, HKV):
     run_case(lens, HQ, HKV, 16, True, torch.float32, 1e-5)
 
 
+@pytest.mark.parametrize("D", [24, 8])
+def test_triton_head_dims_off_the_kernel_sizes_are_zero_padded(D):
+    run_case([9, 20], 4, 2, D, True, torch.float32, 1e-5)
+
+
 @pytest.mark.parametrize("causal", [True, False])
 def test_triton_noncausal_fp16_and_d64(causal):
     run_case([23, 48], 2, 1, 64, causal, torch.float32, 1e-5)
     run_case([23, 48], 4, 2, 16, causal, torch.float16, 5e-3)
+
+
+@pytest.mark.parametrize("blocks", [(32, 16, 4, 1), (16, 32, 4, 1)])
+def test_triton_query_and_key_blocks_differ(blocks, monkeypatch):
+    """Query and key blocks of different sizes (as the GPU configs use): diagonal / ragged-end bookkeeping."""
+    from k15sys.ops import attention as A
+
+    monkeypatch.setattr(A, "_INTERPRETER_CONFIG", blocks)
+    run_case([17, 40, 5, 70], 4, 2, 16, True, torch.float32, 1e-5)
+    run_case([33, 9], 2, 1, 16, False, torch.float32, 1e-5)
+
+
+def test_triton_unaligned_inputs():
+    """Inputs starting off a 16-byte boundary (tensor descriptors need one) are copied, not refused."""
+    T, H, D = 21, 2, 16
+    buf = torch.randn(3 * T * H * D + 1, generator=torch.Generator().manual_seed(0)).to(DEV)
+    q, k, v = (buf[1 + i * T * H * D:1 + (i + 1) * T * H * D].view(T, H, D) for i in range(3))
+    assert q.data_ptr() % 16 != 0
+    cu = torch.tensor([0, 9, 21], dtype=torch.int32, device=DEV)
+    out = varlen_attention(q, k, v, cu, 12, backend="triton")
+    torch.testing.assert_close(out, varlen_attention(q, k, v, cu, 12, backend="torch"), atol=1e-5, rtol=1e-5)
 
 
 def test_torch_backend_and_bad_input():
@@ -66,7 +92,7 @@ def test_torch_backend_and_bad_input():
     with pytest.raises(ValueError, match="kv heads"):
         varlen_attention(q, torch.randn(10, 3, 16), torch.randn(10, 3, 16), cu, 6)
     with pytest.raises(ValueError, match="head dim"):
-        varlen_attention(torch.randn(10, 4, 24), torch.randn(10, 2, 24), torch.randn(10, 2, 24), cu, 6, backend="triton")
+        varlen_attention(torch.randn(10, 4, 160), torch.randn(10, 2, 160), torch.randn(10, 2, 160), cu, 6, backend="triton")
     with pytest.raises(ValueError, match="backend"):
         varlen_attention(q, k, k, cu, 6, backend="flash")
 

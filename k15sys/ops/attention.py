@@ -6,12 +6,13 @@ pads. GQA: ``Hq`` must be a multiple of ``Hkv``; query head h reads kv head ``h 
 
 Backends: ``"triton"`` runs the fused kernels of ``k15sys.kernels.varlen_attention`` (CUDA, or the CPU
 interpreter under ``TRITON_INTERPRET=1``); forward saves the log-sum-exp, backward recomputes the
-probabilities. ``"torch"`` runs each sequence through ``scaled_dot_product_attention`` (the reference, any
-device). ``"auto"`` picks triton on CUDA and torch elsewhere.
+probabilities. The kernels stream their tiles through tensor descriptors built here over the
+``[T, heads * D]`` views (inputs are made contiguous and 16-byte aligned). ``"torch"`` runs each sequence
+through ``scaled_dot_product_attention`` (the reference, any device). ``"auto"`` picks triton on CUDA and
+torch elsewhere.
 """
 from __future__ import annotations
 
-import math
 import os
 from typing import Literal
 
@@ -58,9 +59,11 @@ def _torch_varlen(q, k, v, cu_seqlens, causal, scale):
     return torch.cat(outs, dim=0) if outs else q.new_empty(q.shape)
 
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) per head dim on CUDA; bench/attention.py --sweep retunes them
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per head dim on CUDA, one table per kernel;
+# bench/attention.py --sweep retunes them
 FWD_CONFIG: dict[int, tuple[int, int, int, int]] = {128: (128, 128, 8, 3), 64: (128, 64, 4, 3)}
-BWD_CONFIG: dict[int, tuple[int, int, int, int]] = {128: (64, 64, 4, 2), 64: (64, 64, 4, 2)}
+DKDV_CONFIG: dict[int, tuple[int, int, int, int]] = {128: (64, 128, 8, 3), 64: (64, 128, 8, 2)}
+DQ_CONFIG: dict[int, tuple[int, int, int, int]] = {128: (128, 64, 8, 4), 64: (128, 64, 8, 3)}
 _INTERPRETER_CONFIG = (16, 16, 4, 1)
 
 
@@ -68,6 +71,21 @@ def _config(table: dict[int, tuple[int, int, int, int]], q: torch.Tensor) -> tup
     if q.device.type != "cuda":
         return _INTERPRETER_CONFIG
     return table.get(q.shape[-1], table[64])
+
+
+def _desc(t: torch.Tensor, rows: int):
+    """Tensor descriptor over the [T, heads * D] view of a contiguous [T, heads, D] tensor: tiles of one head's
+    ``rows`` x D elements."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    T, H, D = t.shape
+    return TensorDescriptor(t.view(T, H * D), [T, H * D], [H * D, 1], [rows, D])
+
+
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """Contiguous and 16-byte aligned (tensor descriptors need both); copies only when needed."""
+    t = t.contiguous()
+    return t if t.data_ptr() % 16 == 0 else t.clone()
 
 
 class _VarlenAttention(torch.autograd.Function):
@@ -81,9 +99,9 @@ class _VarlenAttention(torch.autograd.Function):
         lse = torch.empty(T, HQ, dtype=torch.float32, device=q.device)
         bm, bn, warps, stages = _config(FWD_CONFIG, q)
         grid = (triton_cdiv(max_seqlen, bm), (cu.numel() - 1) * HQ)
-        _fwd_kernel[grid](q, k, v, o, lse, cu, scale * _LOG2E, HQ, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-                          v.stride(0), v.stride(1), o.stride(0), o.stride(1), GROUP=group, CAUSAL=causal,
-                          BLOCK_M=bm, BLOCK_N=bn, D=D, num_warps=warps, num_stages=stages)
+        _fwd_kernel[grid](_desc(q, bm), _desc(k, bn), _desc(v, bn), o, lse, cu, scale * _LOG2E, HQ, o.stride(0),
+                          o.stride(1), GROUP=group, CAUSAL=causal, BLOCK_M=bm, BLOCK_N=bn, D=D, num_warps=warps,
+                          num_stages=stages)
         ctx.save_for_backward(q, k, v, o, lse, cu)
         ctx.cfg = (max_seqlen, causal, scale)
         return o
@@ -94,7 +112,7 @@ class _VarlenAttention(torch.autograd.Function):
 
         q, k, v, o, lse, cu = ctx.saved_tensors
         max_seqlen, causal, scale = ctx.cfg
-        do = do.contiguous()
+        do = _aligned(do)
         T, HQ, D = q.shape
         HKV = k.shape[1]
         group = HQ // HKV
@@ -102,17 +120,16 @@ class _VarlenAttention(torch.autograd.Function):
         pre = 64 if q.device.type == "cuda" else 16
         _bwd_pre_kernel[(triton_cdiv(T * HQ, pre),)](o, do, delta, T, HQ, o.stride(0), o.stride(1), BLOCK=pre, D=D)
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        bm, bn, warps, stages = _config(BWD_CONFIG, q)
         nb = cu.numel() - 1
+        bm, bn, warps, stages = _config(DKDV_CONFIG, q)
         _bwd_dkdv_kernel[(triton_cdiv(max_seqlen, bn), nb * HKV)](
-            q, k, v, do, lse, delta, dk, dv, cu, scale * _LOG2E, scale, HQ, HKV,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
-            dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
+            _desc(q, bm), k, v, _desc(do, bm), lse, delta, dk, dv, cu, scale * _LOG2E, scale, HQ, HKV,
+            k.stride(0), k.stride(1), v.stride(0), v.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
             GROUP=group, CAUSAL=causal, BLOCK_M=bm, BLOCK_N=bn, D=D, num_warps=warps, num_stages=stages)
+        bm, bn, warps, stages = _config(DQ_CONFIG, q)
         _bwd_dq_kernel[(triton_cdiv(max_seqlen, bm), nb * HQ)](
-            q, k, v, do, lse, delta, dq, cu, scale * _LOG2E, scale, HQ,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
-            dq.stride(0), dq.stride(1),
+            q, _desc(k, bn), _desc(v, bn), do, lse, delta, dq, cu, scale * _LOG2E, scale, HQ,
+            q.stride(0), q.stride(1), do.stride(0), do.stride(1), dq.stride(0), dq.stride(1),
             GROUP=group, CAUSAL=causal, BLOCK_M=bm, BLOCK_N=bn, D=D, num_warps=warps, num_stages=stages)
         return dq, dk, dv, None, None, None, None
 
@@ -156,7 +173,11 @@ def varlen_attention(
     if q.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError("backend: 'triton' needs CUDA tensors, or TRITON_INTERPRET=1 for the CPU interpreter")
     D = q.shape[-1]
-    if D not in (16, 32, 64, 128) or D != 2 ** int(math.log2(D)):
-        raise ValueError(f"q: head dim {D} is not supported by the triton backend (use 64 or 128, or backend='torch')")
+    if D > 128:
+        raise ValueError(f"q: head dim {D} is not supported by the triton backend (at most 128; or backend='torch')")
+    padded = max(16, 1 << (D - 1).bit_length())  # zero dims change no score and give zero outputs
+    if padded != D:
+        q, k, v = (torch.nn.functional.pad(x, (0, padded - D)) for x in (q, k, v))
     cu = cu_seqlens.to(device=q.device, dtype=torch.int32).contiguous()
-    return _VarlenAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), cu, int(max_seqlen), causal, scale)
+    out = _VarlenAttention.apply(_aligned(q), _aligned(k), _aligned(v), cu, int(max_seqlen), causal, scale)
+    return out[..., :D] if padded != D else out
