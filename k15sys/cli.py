@@ -42,7 +42,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     from k15sys.train.trainer import Trainer
 
     distributed.init_from_env(cfg.run.device)
-    Trainer(cfg).run(resume=args.resume)
+    try:
+        Trainer(cfg).run(resume=args.resume)
+    finally:
+        distributed.shutdown()
     return 0
 
 

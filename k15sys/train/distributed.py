@@ -27,6 +27,12 @@ def init_from_env(device: str = "auto") -> None:
             dist.init_process_group("gloo")
 
 
+def shutdown() -> None:
+    """Tear the default process group down (every rank), so no backend thread outlives the interpreter."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def resolve_device(device: str) -> torch.device:
     """``run.device`` as a torch device: "auto" is CUDA when available; under torchrun, this rank's GPU."""
     if device == "auto":
