@@ -42,9 +42,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     from k15sys.train.trainer import Trainer
 
     distributed.init_from_env(cfg.run.device)
+    trainer = None
     try:
-        Trainer(cfg).run(resume=args.resume)
+        trainer = Trainer(cfg)
+        trainer.run(resume=args.resume)
     finally:
+        if trainer is not None:
+            trainer.close()
         distributed.shutdown()
     return 0
 

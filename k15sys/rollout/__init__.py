@@ -3,10 +3,12 @@
 - :class:`SamplingParams`, :class:`Completion` -- the user-facing types
 - :class:`RolloutEngine` -- the protocol; :class:`TorchEngine` -- the transformers-based default;
   :class:`VLLMEngine` -- vLLM's offline LLM (optional extra ``[vllm]``, imported only when constructed)
+- :class:`RemoteEngine` -- rollout workers in their own processes, weights through the checkpoint engine
 - :class:`PartialRolloutScheduler`, :class:`ReplayBuffer`, :class:`Trajectory`, :class:`Group`
 """
 from k15sys.rollout.engine import RolloutEngine
 from k15sys.rollout.partial import IterationStats, PartialRolloutScheduler
+from k15sys.rollout.remote_engine import RemoteEngine
 from k15sys.rollout.replay_buffer import Group, ReplayBuffer, Segment, Trajectory
 from k15sys.rollout.torch_engine import TorchEngine
 from k15sys.rollout.types import Completion, SamplingParams
@@ -17,6 +19,7 @@ __all__ = [
     "Group",
     "IterationStats",
     "PartialRolloutScheduler",
+    "RemoteEngine",
     "ReplayBuffer",
     "RolloutEngine",
     "SamplingParams",

@@ -132,6 +132,9 @@ class RunConfig:
     checkpoint_every: int = _opt(10, "save a checkpoint every this many RL iterations", min=1)
     keep_checkpoints: int = _opt(2, "checkpoints kept on disk", min=1)
     pack_row_tokens: int = _opt(256, "sequence packing: tokens per packed row (0 = one row)", min=0)
+    rollout_workers: int = _opt(0, "rollout engines in their own processes (k15sys.rollout.RemoteEngine), weights "
+                                "sent through the checkpoint engine; 0 = one engine in the trainer process. "
+                                "Single-process trainer only (not under torchrun)", min=0)
     colocate: bool = _opt(False, "engine.sleep() during training and wake() before the weight sync (GPU colocation)")
     tensorboard: bool = _opt(True, "also write TensorBoard event files")
     progress: bool = _opt(True, "show tqdm progress bars")

@@ -28,8 +28,8 @@ def init_from_env(device: str = "auto") -> None:
 
 
 def shutdown() -> None:
-    """Tear the default process group down (every rank), so no backend thread outlives the interpreter."""
-    if dist.is_available() and dist.is_initialized():
+    """Tear the trainer's process group down (every rank), so no backend thread outlives the interpreter."""
+    if _distributed():
         dist.destroy_process_group()
 
 
@@ -47,8 +47,9 @@ def resolve_device(device: str) -> torch.device:
 
 
 def rank_and_world() -> tuple[int, int]:
-    """(rank, world size); (0, 1) without a process group."""
-    if dist.is_available() and dist.is_initialized():
+    """The trainer's (rank, world size): the torchrun group's, (0, 1) in a single process (where a default
+    group, if any, belongs to the rollout workers of :class:`~k15sys.rollout.RemoteEngine`)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
 

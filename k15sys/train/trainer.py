@@ -18,6 +18,7 @@ Under torchrun every rank rolls out and trains on its share of the groups (FSDP2
 from __future__ import annotations
 
 import copy
+import functools
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -29,7 +30,7 @@ import torch
 from k15sys.algo import CurriculumSampler, LengthPenaltySchedule, PrioritizedSampler, length_penalty, penalize_repeats, pmd_loss
 from k15sys.integrations.transformers_attention import register
 from k15sys.rewards import math_reward
-from k15sys.rollout import Group, PartialRolloutScheduler, ReplayBuffer, SamplingParams, TorchEngine
+from k15sys.rollout import Group, PartialRolloutScheduler, RemoteEngine, ReplayBuffer, SamplingParams, TorchEngine
 from k15sys.tasks import CharTokenizer, make_splits
 from k15sys.train import distributed as dist_utils
 from k15sys.train.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
@@ -49,6 +50,17 @@ def _progress(iterable: Any, enabled: bool, **kw: Any) -> Any:
     from tqdm import tqdm
 
     return tqdm(iterable, **kw)
+
+
+def build_rollout_engine(cfg: Config) -> TorchEngine:
+    """A rollout worker's engine (run in the worker process): the policy's architecture on ``run.device``;
+    its weights arrive with the first weight sync."""
+    if cfg.run.threads:
+        torch.set_num_threads(cfg.run.threads)
+    tok = CharTokenizer()
+    lm = build_model(cfg.model, tok.vocab_size, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                     pad_token_id=tok.pad_token_id)
+    return TorchEngine(lm, pad_token_id=tok.pad_token_id, device=dist_utils.resolve_device(cfg.run.device))
 
 
 class Trainer:
@@ -76,8 +88,14 @@ class Trainer:
         lm = build_model(cfg.model, tok.vocab_size, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                          pad_token_id=tok.pad_token_id)
         # the rollout engine holds its own copy of the weights (decoding with a KV cache through SDPA),
-        # refreshed after every step (weight sync)
-        self.engine = TorchEngine(copy.deepcopy(lm), pad_token_id=tok.pad_token_id, device=self.device)
+        # refreshed after every step (weight sync): in this process, or in worker processes
+        if cfg.run.rollout_workers:
+            if self.world > 1:
+                raise ValueError("run.rollout_workers: rollout worker processes need a single-process trainer "
+                                 "(not torchrun)")
+            self.engine: Any = RemoteEngine(functools.partial(build_rollout_engine, cfg), cfg.run.rollout_workers)
+        else:
+            self.engine = TorchEngine(copy.deepcopy(lm), pad_token_id=tok.pad_token_id, device=self.device)
         if self.device.type == "cuda":  # packed training rows: the Triton varlen kernel, no [T, T] mask
             lm.set_attn_implementation(register())
         self.policy = dist_utils.shard(PackedPolicy(lm.to(self.device)))
@@ -98,6 +116,7 @@ class Trainer:
         self.iteration = 0  # RL iterations done
         self.stage = "init"
         self.rl_seconds = 0.0
+        self._closed = False
 
     # ------------------------------------------------------------------ the job
     def run(self, *, resume: bool = False) -> None:
@@ -124,8 +143,17 @@ class Trainer:
             self.metrics.log(row)
             if self.iteration % self.cfg.run.checkpoint_every == 0 or last:
                 self.save()
+        self.close()
+
+    def close(self) -> None:
+        """Flush the metrics, stop the scheduler and any rollout worker processes (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
         self.metrics.close()
         self.scheduler.close()
+        if isinstance(self.engine, RemoteEngine):
+            self.engine.close()
 
     def sft(self) -> None:
         """Long-CoT warm-up (paper 2.3.1) on the training problems; then the engine gets the weights."""

@@ -1,0 +1,169 @@
+"""Rollout workers in their own processes, fed through the checkpoint engine (paper 2.6.2-2.6.3).
+
+:class:`RemoteEngine` is a :class:`~k15sys.rollout.RolloutEngine` that lives in the trainer process. It
+spawns ``num_workers`` processes and joins them in a private gloo group (trainer = rank 0, workers = ranks
+1..N); each worker builds its own engine with ``make_engine()`` (a picklable factory: e.g. a TorchEngine on
+its GPU, or a VLLMEngine) and serves commands until :meth:`close`:
+
+* ``generate``: the prompts are split into contiguous chunks, one per worker, run concurrently, and the
+  completions come back in prompt order; worker w samples with ``seed + w`` (seeded runs stay reproducible
+  for a given number of workers);
+* ``update_weights``: one :class:`~k15sys.weights.CheckpointEngine` version from rank 0 to every worker
+  (bucketed, pipelined; staged receivers hand the tensors to their engine's ``update_weights`` after the
+  commit vote), so a version is applied by every worker or by none;
+* ``sleep`` / ``wake`` for colocated deployments.
+
+A worker that dies or stops answering is a :class:`RuntimeError` (generation) or
+:class:`~k15sys.weights.WeightSyncError` (weights) in the trainer within ``timeout_s``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import socket
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from k15sys.rollout.types import Completion, SamplingParams
+from k15sys.weights import CheckpointEngine
+
+
+def _serve(rank: int, world: int, port: int, make_engine: Callable[[], Any], timeout_s: float,
+           bucket_bytes: int) -> None:
+    """A worker's loop: build the engine, then answer rank 0's commands until ``close``."""
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=timeout_s))
+    engine = make_engine()
+    sync = CheckpointEngine(src=0, bucket_bytes=bucket_bytes, device="cpu")
+    while True:
+        box: list[Any] = [None]
+        dist.recv_object_list(box, src=0)
+        cmd, *args = box[0]
+        if cmd == "close":
+            break
+        try:
+            if cmd == "weights":  # the transfer is all-or-nothing; the engine's own load may still refuse
+                reply: Any = sync.update(args[0], load_fn=engine.update_weights)
+            else:
+                reply = getattr(engine, cmd)(*args)
+        except Exception as e:  # the trainer re-raises it with the worker's rank
+            reply = e
+        dist.send_object_list([reply], dst=0)
+    dist.destroy_process_group()
+
+
+class RemoteEngine:
+    """Rollout engine whose generation runs in ``num_workers`` worker processes.
+
+    Args:
+        make_engine: picklable zero-argument factory run in each worker (e.g. ``functools.partial``).
+        num_workers: worker processes (ranks 1..N of the private group).
+        timeout_s: the group's timeout: how long the trainer waits for a silent worker.
+        bucket_bytes: checkpoint-engine bucket size of the weight updates.
+
+    The trainer process must not have a default process group already (a single-process trainer).
+    """
+
+    def __init__(self, make_engine: Callable[[], Any], num_workers: int, *, timeout_s: float = 300.0,
+                 bucket_bytes: int = 64 << 20) -> None:
+        if not isinstance(num_workers, int) or num_workers < 1:
+            raise ValueError(f"num_workers: must be a positive int, got {num_workers!r}")
+        if dist.is_initialized():
+            raise ValueError("RemoteEngine: this process already has a default process group (torchrun); "
+                             "rollout workers are supported with a single-process trainer")
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        world = num_workers + 1
+        ctx = mp.get_context("spawn")
+        self.procs = [ctx.Process(target=_serve, args=(r, world, port, make_engine, timeout_s, bucket_bytes),
+                                  daemon=True) for r in range(1, world)]
+        for p in self.procs:
+            p.start()
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=world,
+                                timeout=datetime.timedelta(seconds=timeout_s))
+        self.num_workers = num_workers
+        self.weight_version = 0
+        self._sync = CheckpointEngine(src=0, bucket_bytes=bucket_bytes, device="cpu")
+        self._closed = False
+
+    def _call(self, per_worker: list[tuple[Any, ...]]) -> list[Any]:
+        """Send worker w its command, then collect every reply (workers run concurrently)."""
+        if self._closed:
+            raise RuntimeError("RemoteEngine: closed")
+        try:
+            for w, cmd in enumerate(per_worker):
+                dist.send_object_list([cmd], dst=w + 1)
+        except Exception as e:
+            raise self._failed(per_worker[0][0], e) from e
+        return self._collect(per_worker[0][0])
+
+    def _collect(self, what: str) -> list[Any]:
+        """Every worker's reply to ``what``; a worker's exception is raised here with its rank."""
+        replies = []
+        try:
+            for w in range(self.num_workers):
+                box: list[Any] = [None]
+                dist.recv_object_list(box, src=w + 1)
+                replies.append(box[0])
+        except Exception as e:
+            raise self._failed(what, e) from e
+        for w, r in enumerate(replies):
+            if isinstance(r, Exception):
+                raise RuntimeError(f"RemoteEngine: worker {w + 1} raised {type(r).__name__} in {what}: {r}") from r
+        return replies
+
+    @staticmethod
+    def _failed(what: str, e: Exception) -> RuntimeError:
+        return RuntimeError(f"RemoteEngine: a rollout worker failed or timed out during {what}: "
+                            f"{type(e).__name__}: {e}")
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
+        """Completions of ``prompts`` in order, generated by the workers in contiguous chunks."""
+        if not prompts:
+            return []
+        n = self.num_workers
+        bounds = [len(prompts) * w // n for w in range(n + 1)]
+        cmds = []
+        for w in range(n):
+            p = params if params.seed is None else dataclasses.replace(params, seed=params.seed + w)
+            cmds.append(("generate", [list(x) for x in prompts[bounds[w]:bounds[w + 1]]], p))
+        return [c for chunk in self._call(cmds) for c in chunk]
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """One checkpoint-engine version to every worker; each applies it whole or not at all."""
+        if self._closed:
+            raise RuntimeError("RemoteEngine: closed")
+        version = self.weight_version + 1
+        for w in range(self.num_workers):
+            dist.send_object_list([("weights", version)], dst=w + 1)
+        self._sync.update(version, named_tensors={n: t.detach().cpu().contiguous() for n, t in named_tensors})
+        self.weight_version = version  # the workers' versions advance even when a load is refused
+        self._collect("update_weights")
+
+    def sleep(self) -> None:
+        self._call([("sleep",)] * self.num_workers)
+
+    def wake(self) -> None:
+        self._call([("wake",)] * self.num_workers)
+
+    def close(self) -> None:
+        """Stop the workers and tear the group down (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        for w, p in enumerate(self.procs):
+            if p.is_alive():
+                try:
+                    dist.send_object_list([("close",)], dst=w + 1)
+                except Exception:  # a dead worker: nothing to tell
+                    pass
+        for p in self.procs:
+            p.join(30)
+            if p.is_alive():
+                p.kill()
+        dist.destroy_process_group()
