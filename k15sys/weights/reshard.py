@@ -66,7 +66,7 @@ class ReshardPlan:
         c = self.copies
         # copies that are one contiguous range on both sides (full-width rows): batched on devices
         self._flat = ((c[:, 7] == c[:, 8]) | (c[:, 6] == 1)) & ((c[:, 7] == c[:, 9]) | (c[:, 6] == 1))
-        self._graph: tuple[tuple[int, ...], torch.cuda.CUDAGraph] | None = None  # device replay, by addresses
+        self._device_table: tuple | None = None  # device path: (addresses, base, copy table, tiles...), by addresses
 
     @property
     def num_copies(self) -> int:
@@ -78,7 +78,8 @@ class ReshardPlan:
         dtype = None
         for r, (names, shapes, shard) in enumerate(zip(t.names, t.shapes, shards)):
             missing = [n for n in names if n not in shard]
-            extra = [n for n in shard if n not in set(names)]
+            known = set(names)
+            extra = [n for n in shard if n not in known]
             if missing:
                 raise ValueError(f"{what}: rank {r} is missing tensor {missing[0]!r}" + (f" (+{len(missing) - 1} more)" if len(missing) > 1 else ""))
             if extra:
@@ -103,12 +104,11 @@ class ReshardPlan:
         return out
 
     def execute_into(self, src_shards: list[dict[str, torch.Tensor]], dst_shards: list[dict[str, torch.Tensor]], *,
-                     num_threads: int = 0, cuda_graph: bool = False) -> None:
+                     num_threads: int = 0) -> None:
         """Reshard into the caller's tensors (e.g. pinned host buckets); padding rows are zeroed.
 
-        Host tensors: the C++ thread pool (``num_threads``, 0 = all cores). Device tensors: one device copy
-        per plan entry; with ``cuda_graph=True`` they are captured once per set of buffer addresses and
-        replayed (one launch instead of ~50 per layer; the buffers must stay allocated between calls).
+        Host tensors: the C++ thread pool (``num_threads``, 0 = all cores). Device tensors: the whole plan in
+        one Triton launch (its copy table is cached per set of buffer addresses).
         """
         dtype = self._validate(src_shards, self._src_t, "src_shards")
         if self._validate(dst_shards, self._dst_t, "dst_shards") != dtype:
@@ -137,39 +137,67 @@ class ReshardPlan:
             blocks[:, 5] = c[:, 9] * esz
             _C.strided_copy(blocks, num_threads=num_threads)
             return
-        if not cuda_graph:
-            self._device_copies(src, dst)
-            return
-        if not all(t.is_cuda for side in (src, dst) for rank in side for t in rank):
-            raise ValueError("cuda_graph: every source and destination tensor must be on a CUDA device")
-        key = tuple(t.data_ptr() for side in (src, dst) for rank in side for t in rank)
-        if self._graph is None or self._graph[0] != key:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                self._device_copies(src, dst)  # warm-up outside the capture
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                self._device_copies(src, dst)
-            self._graph = (key, graph)
-        self._graph[1].replay()
+        self._device_copies(src, dst, dtype)
 
-    def _device_copies(self, src: list[list[torch.Tensor]], dst: list[list[torch.Tensor]]) -> None:
-        """The device path: copies that are contiguous on both sides in one batched ``_foreach_copy_`` (a few
-        multi-tensor kernels), the strided rest (column splits) one device copy each."""
-        s_flat = [[t.view(-1) for t in rank] for rank in src]
-        d_flat = [[t.view(-1) for t in rank] for rank in dst]
-        outs, ins = [], []
-        for (sr, si, so, dr, di, do, nr, nc, sld, dld), flat in zip(self.copies.tolist(), self._flat.tolist()):
-            if flat:
-                outs.append(d_flat[dr][di][do : do + nr * nc])
-                ins.append(s_flat[sr][si][so : so + nr * nc])
-            else:
-                s = s_flat[sr][si].as_strided((nr, nc), (sld, 1), so)
-                d_flat[dr][di].as_strided((nr, nc), (dld, 1), do).copy_(s, non_blocking=True)
-        if outs:
-            torch._foreach_copy_(outs, ins, non_blocking=True)
+    def _device_copies(self, src: list[list[torch.Tensor]], dst: list[list[torch.Tensor]], dtype: torch.dtype) -> None:
+        """The device path: every copy of the plan in one Triton launch (``k15sys.kernels.plan_copy``).
+
+        Offsets are taken relative to one base tensor; the copy table is rebuilt only when the buffers'
+        addresses change. Contiguous copies are re-shaped into rows of ``_FLAT_WIDTH`` elements first."""
+        from k15sys.kernels.plan_copy import _plan_copy_kernel
+
+        tensors = [t for side in (src, dst) for rank in side for t in rank]
+        dev = tensors[0].device
+        if any(t.device != dev for t in tensors):
+            raise ValueError(f"src_shards/dst_shards: device copies need every tensor on one device ({dev})")
+        key = tuple(t.data_ptr() for t in tensors)
+        if self._device_table is None or self._device_table[0] != key:
+            self._device_table = (key, *self._build_device_table(src, dst, dtype, dev))
+        _, base, table, tile_copy, tile_row, tile_rows, align = self._device_table
+        rows, cols, warps = _TILE
+        _plan_copy_kernel[(tile_copy.numel(),)](base, table, tile_copy, tile_row, tile_rows, ROWS=rows, COLS=cols,
+                                               ALIGN=align, num_warps=warps)
+
+    def _build_device_table(self, src, dst, dtype, dev):
+        esz = torch.empty((), dtype=dtype).element_size()
+        base = dst[0][0]
+        b = base.data_ptr()
+        sp = _pointer_table(src) - b
+        dp = _pointer_table(dst) - b
+        if (sp % esz).any() or (dp % esz).any():
+            raise ValueError("src_shards/dst_shards: tensor addresses are not aligned to the element size")
+        c = self.copies
+        flat = self._flat
+        n = c[:, 6] * c[:, 7]
+        width = np.where(flat, np.minimum(n, _FLAT_WIDTH), c[:, 7])
+        nrows = np.where(flat, n // width, c[:, 6])
+        src_off = sp[c[:, 0], c[:, 1]] // esz + c[:, 2]
+        dst_off = dp[c[:, 3], c[:, 4]] // esz + c[:, 5]
+        src_ld = np.where(flat, width, c[:, 8])
+        dst_ld = np.where(flat, width, c[:, 9])
+        table = [np.stack([src_off, dst_off, width, src_ld, dst_ld], 1)]
+        tail = flat & (n % width > 0)  # the last partial row of a re-shaped contiguous copy: a copy of its own
+        if tail.any():
+            done = nrows[tail] * width[tail]
+            w = n[tail] - done
+            table.append(np.stack([src_off[tail] + done, dst_off[tail] + done, w, w, w], 1))
+            nrows = np.concatenate([nrows, np.ones(int(tail.sum()), dtype=np.int64)])
+        table = np.concatenate(table).astype(np.int64)
+        keep = nrows > 0
+        table, nrows = table[keep], nrows[keep]
+        rows = _TILE[0]
+        per = -(-nrows // rows)
+        tile_copy = np.repeat(np.arange(len(table)), per)
+        tile_row = np.concatenate([np.arange(k) * rows for k in per]) if len(per) else np.zeros(0, np.int64)
+        tile_rows = np.minimum(nrows[tile_copy] - tile_row, rows)
+        align = int(np.gcd.reduce(np.concatenate([table.ravel(), [16 // esz]])))
+        to = lambda a: torch.as_tensor(np.ascontiguousarray(a, dtype=np.int64), device=dev)  # noqa: E731
+        return base, to(table), to(tile_copy), to(tile_row), to(tile_rows), max(1, align)
+
+
+# device path tiles: (rows, columns in elements, warps); contiguous copies become rows of _FLAT_WIDTH elements
+_TILE = (16, 256, 4)
+_FLAT_WIDTH = 4096
 
 
 def _pointer_table(tensors: list[list[torch.Tensor]]) -> np.ndarray:
