@@ -89,3 +89,10 @@ def test_main_job_with_a_rollout_worker_process_equals_the_in_process_run(tmp_pa
     for a, b in zip(runs[0], runs[1]):
         same = {k: v for k, v in a.items() if k.startswith(("rl/", "eval/"))}
         assert same == {k: b[k] for k in same}
+
+
+def test_bad_arguments_fail_before_spawning():
+    with pytest.raises(ValueError, match="num_workers"):
+        RemoteEngine(make_engine, 0)
+    with pytest.raises(ValueError, match="cuda_devices"):
+        RemoteEngine(make_engine, 2, cuda_devices=[0])

@@ -33,8 +33,10 @@ from k15sys.weights import CheckpointEngine
 
 
 def _serve(rank: int, world: int, port: int, make_engine: Callable[[], Any], timeout_s: float,
-           bucket_bytes: int) -> None:
-    """A worker's loop: build the engine, then answer rank 0's commands until ``close``."""
+           bucket_bytes: int, cuda_device: int | None) -> None:
+    """A worker's loop: build the engine (on its GPU when given), then answer rank 0's commands until ``close``."""
+    if cuda_device is not None:
+        torch.cuda.set_device(cuda_device)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=timeout_s))
     engine = make_engine()
@@ -64,14 +66,18 @@ class RemoteEngine:
         num_workers: worker processes (ranks 1..N of the private group).
         timeout_s: the group's timeout: how long the trainer waits for a silent worker.
         bucket_bytes: checkpoint-engine bucket size of the weight updates.
+        cuda_devices: GPU index of each worker (made current before ``make_engine`` runs, so a factory that
+            uses ``torch.cuda.current_device()`` lands on it); None leaves the device choice to the factory.
 
     The trainer process must not have a default process group already (a single-process trainer).
     """
 
     def __init__(self, make_engine: Callable[[], Any], num_workers: int, *, timeout_s: float = 300.0,
-                 bucket_bytes: int = 64 << 20) -> None:
+                 bucket_bytes: int = 64 << 20, cuda_devices: list[int] | None = None) -> None:
         if not isinstance(num_workers, int) or num_workers < 1:
             raise ValueError(f"num_workers: must be a positive int, got {num_workers!r}")
+        if cuda_devices is not None and len(cuda_devices) != num_workers:
+            raise ValueError(f"cuda_devices: {len(cuda_devices)} entries for {num_workers} workers")
         if dist.is_initialized():
             raise ValueError("RemoteEngine: this process already has a default process group (torchrun); "
                              "rollout workers are supported with a single-process trainer")
@@ -80,8 +86,9 @@ class RemoteEngine:
             port = s.getsockname()[1]
         world = num_workers + 1
         ctx = mp.get_context("spawn")
-        self.procs = [ctx.Process(target=_serve, args=(r, world, port, make_engine, timeout_s, bucket_bytes),
-                                  daemon=True) for r in range(1, world)]
+        gpus = cuda_devices or [None] * num_workers
+        self.procs = [ctx.Process(target=_serve, args=(r, world, port, make_engine, timeout_s, bucket_bytes,
+                                                       gpus[r - 1]), daemon=True) for r in range(1, world)]
         for p in self.procs:
             p.start()
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=world,

@@ -60,7 +60,10 @@ def build_rollout_engine(cfg: Config) -> TorchEngine:
     tok = CharTokenizer()
     lm = build_model(cfg.model, tok.vocab_size, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                      pad_token_id=tok.pad_token_id)
-    return TorchEngine(lm, pad_token_id=tok.pad_token_id, device=dist_utils.resolve_device(cfg.run.device))
+    device = dist_utils.resolve_device(cfg.run.device)
+    if device.type == "cuda":  # the GPU RemoteEngine made current for this worker
+        device = torch.device("cuda", torch.cuda.current_device())
+    return TorchEngine(lm, pad_token_id=tok.pad_token_id, device=device)
 
 
 class Trainer:
@@ -93,7 +96,9 @@ class Trainer:
             if self.world > 1:
                 raise ValueError("run.rollout_workers: rollout worker processes need a single-process trainer "
                                  "(not torchrun)")
-            self.engine: Any = RemoteEngine(functools.partial(build_rollout_engine, cfg), cfg.run.rollout_workers)
+            n = cfg.run.rollout_workers
+            gpus = [w % torch.cuda.device_count() for w in range(n)] if self.device.type == "cuda" else None
+            self.engine: Any = RemoteEngine(functools.partial(build_rollout_engine, cfg), n, cuda_devices=gpus)
         else:
             self.engine = TorchEngine(copy.deepcopy(lm), pad_token_id=tok.pad_token_id, device=self.device)
         if self.device.type == "cuda":  # packed training rows: the Triton varlen kernel, no [T, T] mask
