@@ -206,8 +206,8 @@ def test_device_path_logic_on_cpu_tensors(a, b):
     src = A.shard(random_state(cfg))
     want = plan.execute(src)
     out = [{k: torch.full_like(v, 3.0) for k, v in r.items()} for r in want]
-    for dr, ti in plan.zero_fill:
-        list(out[dr].values())[ti].zero_()
+    for dr, ti, off, nr, nc, ld in plan.zero_fill:
+        list(out[dr].values())[ti].view(-1).as_strided((nr, nc), (ld, 1), off).zero_()
     plan._device_copies([list(r.values()) for r in src], [list(r.values()) for r in out], want[0][next(iter(want[0]))].dtype)
     assert 0 < int(plan._flat.sum()) <= plan.num_copies
     assert all(torch.equal(w[k], o[k]) for w, o in zip(want, out) for k in w)

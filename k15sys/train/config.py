@@ -75,7 +75,9 @@ class RLConfig:
     baseline: str = _opt("mean", "estimate of tau log Z", choices=("mean", "logmeanexp"))
     normalize: str = _opt("sum", "sequence log-prob: paper 'sum', or 'mean'/'constant' (deviations)",
                           choices=("sum", "mean", "constant"))
-    lr: float = _opt(1e-5, "AdamW learning rate (small: the SFT model is sharp; see docs/main_job.md)", min=0.0)
+    lr: float = _opt(1e-5, "learning rate (AdamW: small, the SFT model is sharp; see docs/main_job.md)", min=0.0)
+    optimizer: str = _opt("adamw", "RL optimizer: adamw, or sgd (momentum 0.9; steps proportional to the gradient)",
+                          choices=("adamw", "sgd"))
     warmup_iterations: int = _opt(0, "linear learning-rate warm-up over the first RL iterations", min=0)
     minibatch_size: int = _opt(64, "sequences per optimizer step (a multiple of group_size)", min=1)
     epochs: int = _opt(1, "passes over each iteration's batch", min=1)

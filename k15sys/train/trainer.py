@@ -104,7 +104,10 @@ class Trainer:
         if self.device.type == "cuda":  # packed training rows: the Triton varlen kernel, no [T, T] mask
             lm.set_attn_implementation(register())
         self.policy = dist_utils.shard(PackedPolicy(lm.to(self.device)))
-        self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=cfg.rl.lr, betas=(0.9, 0.98), weight_decay=0.0)
+        if cfg.rl.optimizer == "sgd":
+            self.optimizer: torch.optim.Optimizer = torch.optim.SGD(self.policy.parameters(), lr=cfg.rl.lr, momentum=0.9)
+        else:
+            self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=cfg.rl.lr, betas=(0.9, 0.98), weight_decay=0.0)
         self.prompts = [tok.encode(p.prompt, bos=True) for p in self.splits.train]
         self.scheduler = PartialRolloutScheduler(
             self.engine, self._make_sampler(), self.prompts,

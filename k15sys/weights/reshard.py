@@ -40,13 +40,14 @@ class ReshardPlan:
                     if p.src is not None:
                         by_hf[p.src].append((sr, ti, ld, p))
         rows = []
-        self.zero_fill: list[tuple[int, int]] = []  # (dst rank, tensor index) holding padding
+        # padding regions to zero: (dst rank, tensor index, element offset, rows, cols, leading dimension)
+        self.zero_fill: list[tuple[int, int, int, int, int, int]] = []
         for dr, rank in enumerate(dst.ranks):
             for ti, (name, lt) in enumerate(rank.items()):
                 dld = lt.shape[1] if len(lt.shape) == 2 else 1
                 for q in lt.pieces:
                     if q.src is None:
-                        self.zero_fill.append((dr, ti))
+                        self.zero_fill.append((dr, ti, q.lr * dld + q.lc, q.r1 - q.r0, q.c1 - q.c0, dld))
                         continue
                     covered = 0
                     seen = set()  # replicated sources (norms, vLLM's repeated kv heads): copy from the first
@@ -119,8 +120,8 @@ class ReshardPlan:
             for n, x in zip(self._dst_t.names[r], names):
                 if not x.is_contiguous():
                     raise ValueError(f"dst_shards: tensor {n!r} on rank {r} must be contiguous")
-        for dr, ti in self.zero_fill:
-            dst[dr][ti].zero_()
+        for dr, ti, off, nr, nc, ld in self.zero_fill:  # only the padding: the copies write the rest
+            dst[dr][ti].view(-1).as_strided((nr, nc), (ld, 1), off).zero_()
         if self.num_copies == 0:
             return
         c = self.copies
