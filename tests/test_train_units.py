@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import random
+import re
 
 import pytest
 import torch
@@ -39,6 +40,26 @@ def test_problems_are_correct_and_solutions_verify():
             assert math_reward(sol, p.answer) == 1.0
             assert tok.decode(tok.encode(p.prompt + sol)) == p.prompt + sol
         assert len(solution(p, rng=rng, verify_prob=1.0)) > len(solution(p))
+
+
+def test_self_correcting_traces_expose_the_slip_and_still_verify():
+    rng = random.Random(1)
+    tok = CharTokenizer()
+    slips = 0
+    for _ in range(200):
+        p = make_problem(rng, rng.randint(2, 5), 9)
+        sol = solution(p, rng=rng, verify_prob=1.0, mistake_prob=0.5)
+        assert math_reward(sol, p.answer) == 1.0 and tok.decode(tok.encode(sol)) == sol
+        # a slip: the wrong value w, its honest check [w inv b = back], '?', then the step redone with its right
+        # value r, whose check [r inv b = prev] gives the previous value that the slip's check missed
+        for w, inv, b, back, r, r_inv, r_b, prev in re.findall(
+                r"(\d+)[+\-\d]*\[\1([+-])(\d+)=(\d+)\]\?(\d+)[+\-\d]*\[\5([+-])(\d+)=(\d+)\]", sol):
+            slips += 1
+            assert _eval_chain(f"{w}{inv}{b}") == int(back) and _eval_chain(f"{r}{r_inv}{r_b}") == int(prev)
+            assert (inv, b) == (r_inv, r_b) and w != r and back != prev
+    assert slips > 50
+    assert solution(p, rng=random.Random(0), verify_prob=0.7) == solution(p, rng=random.Random(0), verify_prob=0.7,
+                                                                           mistake_prob=0.0)
 
 
 def test_splits_are_disjoint_seeded_and_labelled():

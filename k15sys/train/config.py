@@ -35,6 +35,8 @@ class TaskConfig:
     max_ops: int = _opt(5, "most operations per problem", min=1)
     max_operand: int = _opt(9, "operands are drawn from [1, max_operand]", min=1)
     verify_prob: float = _opt(0.7, "long-CoT traces: probability of a check after each step", min=0.0)
+    mistake_prob: float = _opt(0.0, "long-CoT traces: share of checked steps first written wrong, exposed by the "
+                               "check and redone after '?' (self-correction)", min=0.0)
     direct_prob: float = _opt(0.0, "SFT data: share of direct answers (the boxed answer, no working) mixed in", min=0.0)
 
 
@@ -198,7 +200,7 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
 def _cross_checks(cfg: Config) -> None:
     if cfg.task.max_ops < cfg.task.min_ops:
         raise ConfigError(f"task.max_ops: must be >= task.min_ops={cfg.task.min_ops}, got {cfg.task.max_ops}")
-    for key in ("verify_prob", "direct_prob"):
+    for key in ("verify_prob", "direct_prob", "mistake_prob"):
         if getattr(cfg.task, key) > 1:
             raise ConfigError(f"task.{key}: must be <= 1, got {getattr(cfg.task, key)}")
     if cfg.model.num_heads % cfg.model.num_kv_heads:

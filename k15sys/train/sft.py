@@ -20,7 +20,7 @@ from k15sys.train.policy import PackedPolicy
 
 def sft_examples(
     problems: Sequence[Problem], tokenizer: CharTokenizer, *, rng: random.Random, verify_prob: float, n: int,
-    direct_prob: float = 0.0,
+    direct_prob: float = 0.0, mistake_prob: float = 0.0,
 ) -> tuple[list[list[int]], list[int]]:
     """``n`` random (prompt + solution) token sequences and their prompt lengths; a ``direct_prob`` share
     of the responses are the answer with no working (:func:`k15sys.tasks.direct_answer`)."""
@@ -28,7 +28,10 @@ def sft_examples(
     for _ in range(n):
         p = problems[rng.randrange(len(problems))]
         prompt = tokenizer.encode(p.prompt, bos=True)
-        text = direct_answer(p) if rng.random() < direct_prob else solution(p, rng=rng, verify_prob=verify_prob)
+        if rng.random() < direct_prob:
+            text = direct_answer(p)
+        else:
+            text = solution(p, rng=rng, verify_prob=verify_prob, mistake_prob=mistake_prob)
         resp = tokenizer.encode(text, eos=True)
         seqs.append(prompt + resp)
         plens.append(len(prompt))
@@ -52,6 +55,7 @@ def sft_steps(
     verify_prob: float,
     seed: int,
     direct_prob: float = 0.0,
+    mistake_prob: float = 0.0,
     row_tokens: int = 0,
 ) -> Iterator[dict[str, float]]:
     """Run ``cfg.steps`` SFT steps, yielding ``{"sft/loss", "sft/lr", "sft/tokens"}`` after each."""
@@ -65,7 +69,8 @@ def sft_steps(
         for group in opt.param_groups:
             group["lr"] = lr
         seqs, plens = sft_examples(problems, tokenizer, rng=rng, verify_prob=verify_prob if cfg.long_cot else 0.0,
-                                   n=cfg.batch_size, direct_prob=direct_prob)
+                                   n=cfg.batch_size, direct_prob=direct_prob,
+                                   mistake_prob=mistake_prob if cfg.long_cot else 0.0)
         out = policy(pack(seqs, plens, row_tokens=row_tokens, pad_id=tokenizer.pad_token_id))
         loss = -out.seq_logp.sum() / out.num_tokens.sum()
         opt.zero_grad(set_to_none=True)

@@ -167,7 +167,7 @@ class Trainer:
         """Long-CoT warm-up (paper 2.3.1) on the training problems; then the engine gets the weights."""
         c = self.cfg
         steps = sft_steps(self.policy, self.splits.train, self.tokenizer, c.sft, verify_prob=c.task.verify_prob,
-                          direct_prob=c.task.direct_prob, seed=c.run.seed, row_tokens=c.run.pack_row_tokens)
+                          direct_prob=c.task.direct_prob, mistake_prob=c.task.mistake_prob, seed=c.run.seed, row_tokens=c.run.pack_row_tokens)
         for row in _progress(steps, c.run.progress and self.rank == 0, desc="sft", total=c.sft.steps):
             self.metrics.scalar("sft/loss", row["sft/loss"], int(row["sft/step"]))
         self.sync_weights()
