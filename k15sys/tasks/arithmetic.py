@@ -75,9 +75,9 @@ def solution(problem: Problem, *, rng: random.Random | None = None, verify_prob:
         step = _expr(value, tuple(rest))
         if verify_prob > 0 and rng.random() < verify_prob:
             step += f"[{value}{inv}{b}={prev}]"
-            slips = [w for w in range(value - 3, value + 4) if w != value and w >= 0 and (op == "-" or w >= b)]
             if mistake_prob > 0 and rng.random() < mistake_prob:
-                w = rng.choice(slips)
+                w = rng.choice([w for w in range(value - 3, value + 4)
+                                if w != value and w >= 0 and (op == "-" or w >= b)])
                 back = w - b if op == "+" else w + b
                 step = f"{_expr(w, tuple(rest))}[{w}{inv}{b}={back}]?" + step
         parts.append(step)

@@ -52,14 +52,19 @@ def _progress(iterable: Any, enabled: bool, **kw: Any) -> Any:
     return tqdm(iterable, **kw)
 
 
+def _build_lm(cfg: Config, tok: CharTokenizer) -> torch.nn.Module:
+    """The main job's policy architecture for ``tok``, initialised from ``cfg.model.seed``."""
+    return build_model(cfg.model, tok.vocab_size, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                       pad_token_id=tok.pad_token_id)
+
+
 def build_rollout_engine(cfg: Config) -> TorchEngine:
     """A rollout worker's engine (run in the worker process): the policy's architecture on ``run.device``;
     its weights arrive with the first weight sync."""
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     tok = CharTokenizer()
-    lm = build_model(cfg.model, tok.vocab_size, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                     pad_token_id=tok.pad_token_id)
+    lm = _build_lm(cfg, tok)
     device = dist_utils.resolve_device(cfg.run.device)
     if device.type == "cuda":  # the GPU RemoteEngine made current for this worker
         device = torch.device("cuda", torch.cuda.current_device())
@@ -88,8 +93,7 @@ class Trainer:
                                   max_ops=t.max_ops, max_operand=t.max_operand)
         tok = self.tokenizer
         self.device = dist_utils.resolve_device(cfg.run.device)
-        lm = build_model(cfg.model, tok.vocab_size, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                         pad_token_id=tok.pad_token_id)
+        lm = _build_lm(cfg, tok)
         # the rollout engine holds its own copy of the weights (decoding with a KV cache through SDPA),
         # refreshed after every step (weight sync): in this process, or in worker processes
         if cfg.run.rollout_workers:
@@ -167,7 +171,8 @@ class Trainer:
         """Long-CoT warm-up (paper 2.3.1) on the training problems; then the engine gets the weights."""
         c = self.cfg
         steps = sft_steps(self.policy, self.splits.train, self.tokenizer, c.sft, verify_prob=c.task.verify_prob,
-                          direct_prob=c.task.direct_prob, mistake_prob=c.task.mistake_prob, seed=c.run.seed, row_tokens=c.run.pack_row_tokens)
+                          direct_prob=c.task.direct_prob, mistake_prob=c.task.mistake_prob, seed=c.run.seed,
+                          row_tokens=c.run.pack_row_tokens)
         for row in _progress(steps, c.run.progress and self.rank == 0, desc="sft", total=c.sft.steps):
             self.metrics.scalar("sft/loss", row["sft/loss"], int(row["sft/step"]))
         self.sync_weights()

@@ -145,8 +145,6 @@ class ReshardPlan:
 
         Offsets are taken relative to one base tensor; the copy table is rebuilt only when the buffers'
         addresses change. Contiguous copies are re-shaped into rows of ``_FLAT_WIDTH`` elements first."""
-        from k15sys.kernels.plan_copy import _plan_copy_kernel
-
         tensors = [t for side in (src, dst) for rank in side for t in rank]
         dev = tensors[0].device
         if any(t.device != dev for t in tensors):
@@ -154,7 +152,13 @@ class ReshardPlan:
         key = tuple(t.data_ptr() for t in tensors)
         if self._device_table is None or self._device_table[0] != key:
             self._device_table = (key, *self._build_device_table(src, dst, dtype, dev))
-        _, base, table, tile_copy, tile_row, tile_rows, align = self._device_table
+        self._launch_device_table()
+
+    def _launch_device_table(self) -> None:
+        """One launch of the plan-copy kernel over the cached copy table (the buffers it was built for)."""
+        from k15sys.kernels.plan_copy import _plan_copy_kernel
+
+        _, base, table, tile_copy, tile_row, tile_rows, align = self._device_table  # type: ignore[misc]
         rows, cols, warps = _TILE
         _plan_copy_kernel[(tile_copy.numel(),)](base, table, tile_copy, tile_row, tile_rows, ROWS=rows, COLS=cols,
                                                ALIGN=align, num_warps=warps)
