@@ -103,7 +103,9 @@ def test_config_yaml_default_overrides_and_errors(tmp_path):
     for bad, key in [("rl.nope=1", "rl.nope"), ("rl.group_size=0", "rl.group_size"), ("rl.lr=fast", "rl.lr"),
                      ("model.num_kv_heads=3", "model.num_kv_heads"), ("rl.baseline=median", "rl.baseline"),
                      ("nosection.x=1", "nosection"), ("rl.minibatch_size=12", "rl.minibatch_size"),
-                     ("run.device=tpu", "run.device")]:
+                     ("run.device=tpu", "run.device"), ("task.mistake_prob=1.5", "task.mistake_prob"),
+                     ("task.direct_prob=2", "task.direct_prob"), ("rl.optimizer=adam", "rl.optimizer"),
+                     ("run.rollout_workers=-1", "run.rollout_workers")]:
         with pytest.raises(ConfigError, match=f"^{key}"):
             load_config(None, [bad])
     f = tmp_path / "c.yaml"
