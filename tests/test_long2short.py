@@ -54,6 +54,7 @@ def test_dpo_loss_value_and_gradient_direction():
 
 
 TINY = ["sft.steps=6", "sft.batch_size=8", "rl.iterations=1", "rl.prompts_per_iteration=4", "rl.group_size=4",
+        "rl.skip_zero_advantage=false",
         "rl.minibatch_size=8", "rl.max_new_tokens=32", "task.num_train=48", "task.num_eval=8", "run.threads=1",
         "run.progress=false", "run.tensorboard=false", "model.hidden_size=32", "model.intermediate_size=64",
         "model.num_layers=2", "long2short.num_problems=6", "long2short.num_samples=3", "long2short.steps=2",

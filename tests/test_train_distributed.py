@@ -66,7 +66,8 @@ def test_fsdp2_two_ranks_equal_single_process_steps(tmp_path):
     assert "MAXDIFF" in out.stdout
 
 
-TINY = ["sft.steps=4", "sft.batch_size=8", "rl.prompts_per_iteration=4", "rl.group_size=4", "rl.minibatch_size=8",
+TINY = ["sft.steps=4", "sft.batch_size=8", "rl.prompts_per_iteration=4", "rl.group_size=4", "rl.skip_zero_advantage=false",
+        "rl.minibatch_size=8",
         "rl.max_new_tokens=24", "task.num_train=48", "task.num_eval=8", "eval.every=2", "run.checkpoint_every=1",
         "run.threads=1", "run.progress=false", "run.tensorboard=false", "model.hidden_size=32",
         "model.intermediate_size=64", "model.num_layers=2"]

@@ -12,7 +12,8 @@ from k15sys.train.config import load_config
 from k15sys.train.trainer import Trainer
 
 pytestmark = pytest.mark.gpu
-TINY = ["sft.steps=6", "sft.batch_size=8", "rl.prompts_per_iteration=4", "rl.group_size=4", "rl.minibatch_size=8",
+TINY = ["sft.steps=6", "sft.batch_size=8", "rl.prompts_per_iteration=4", "rl.group_size=4", "rl.skip_zero_advantage=false",
+        "rl.minibatch_size=8",
         "rl.max_new_tokens=24", "task.num_train=48", "task.num_eval=8", "eval.every=2", "run.checkpoint_every=1",
         "run.progress=false", "run.tensorboard=false", "model.hidden_size=64", "model.intermediate_size=128",
         "model.num_layers=2", "run.device=cuda"]

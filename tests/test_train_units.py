@@ -163,3 +163,29 @@ def test_metrics_jsonl_truncate(tmp_path):
     with pytest.raises(ValueError, match="iteration"):
         log.log({"x": 1})
     log.close()
+
+
+def test_zero_advantage_groups_are_skipped_and_carry_no_gradient():
+    """rl.skip_zero_advantage: groups of equal rewards are dropped; on-policy their PMD gradient is zero,
+    so the kept groups' gradient is the full batch's up to the 1/N of the mean."""
+    from types import SimpleNamespace
+
+    from k15sys.algo import pmd_loss
+    from k15sys.train.trainer import Trainer
+
+    k = 4
+    rewards = torch.tensor([0., 0., 0., 0., 1., 0., 1., 0., 1., 1., 1., 1., -1., 1., 1., 1.])
+    trajs = [f"t{i}" for i in range(16)]
+    me = SimpleNamespace(cfg=SimpleNamespace(rl=SimpleNamespace(group_size=k)))
+    kept, kept_r = Trainer._informative(me, trajs, rewards)
+    assert kept == trajs[4:8] + trajs[12:16]
+    assert torch.equal(kept_r, torch.cat([rewards[4:8], rewards[12:16]]))
+    logp = torch.randn(16, dtype=torch.float64, requires_grad=True)
+    ref = logp.detach().clone()
+    pmd_loss(logp, ref, rewards, group_size=k, tau=0.3).backward()
+    full = logp.grad.clone()
+    assert torch.all(full[0:4] == 0) and torch.all(full[8:12] == 0)
+    logp.grad = None
+    idx = torch.tensor([4, 5, 6, 7, 12, 13, 14, 15])
+    pmd_loss(logp[idx], ref[idx], kept_r, group_size=k, tau=0.3).backward()
+    torch.testing.assert_close(logp.grad[idx] * 8 / 16, full[idx])

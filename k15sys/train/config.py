@@ -57,7 +57,8 @@ class ModelConfig:
 class SFTConfig:
     """Long-CoT supervised warm-up (paper 2.3.1) before RL."""
 
-    steps: int = _opt(350, "optimizer steps (kept short on purpose: RL starts from a mediocre model)", min=0)
+    steps: int = _opt(525, "optimizer steps (short on purpose: the model knows the format and most steps, RL has room "
+                      "to sharpen it; see docs/main_job.md for weaker and stronger starts)", min=0)
     batch_size: int = _opt(64, "sequences per step", min=1)
     lr: float = _opt(3e-3, "peak AdamW learning rate (linear warm-up, cosine decay)", min=0.0)
     warmup_steps: int = _opt(20, "learning-rate warm-up steps", min=0)
@@ -83,8 +84,11 @@ class RLConfig:
     warmup_iterations: int = _opt(0, "linear learning-rate warm-up over the first RL iterations", min=0)
     minibatch_size: int = _opt(64, "sequences per optimizer step (a multiple of group_size)", min=1)
     epochs: int = _opt(1, "passes over each iteration's batch", min=1)
+    skip_zero_advantage: bool = _opt(True, "train only on groups whose k rewards differ: a group of equal rewards has "
+                                     "zero advantage and, on-policy, zero PMD gradient (saves its forward/backward)")
     grad_clip: float = _opt(1.0, "max global grad norm (0 = off)", min=0.0)
-    temperature: float = _opt(1.0, "sampling temperature of rollouts", min=0.0)
+    temperature: float = _opt(0.5, "sampling temperature of rollouts (below 1 the samples stay near the greedy "
+                              "decisions that evaluation scores; see docs/main_job.md)", min=0.0)
     max_new_tokens: int = _opt(96, "max response length (tokens); longer ones are truncated", min=1)
     token_budget: int = _opt(0, "partial rollouts: tokens per trajectory per iteration (0 = max_new_tokens)", min=0)
     sampler: str = _opt("curriculum", "prompt sampler", choices=("curriculum", "prioritized", "uniform"))

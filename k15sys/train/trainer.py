@@ -199,7 +199,9 @@ class Trainer:
         self.scheduler.sampler.update(*dist_utils.gather_sampler_feedback(groups, correct.tolist()))
         # 3-4. pack, reference log-probs once, minibatch steps on the PMD loss
         t0 = time.perf_counter()
-        stats = self.train_on(trajs, rewards)
+        train_trajs, train_rewards = self._informative(trajs, rewards) if cfg.skip_zero_advantage else (trajs, rewards)
+        stats = self.train_on(train_trajs, train_rewards)
+        stats["rl/trained_groups"] = dist_utils.sum_dict({"n": float(len(train_trajs))})["n"] / cfg.group_size
         times["time/train_s"] = time.perf_counter() - t0
         self.stop_after(it, "step")
         # 5. weight sync to the rollout engine
@@ -254,6 +256,16 @@ class Trainer:
             lengths = torch.tensor([len(t.response_ids) for t in trajs], dtype=torch.float32)
             rewards = rewards + weight * length_penalty(lengths, correct > 0, group_size=cfg.group_size)
         return correct, rewards, {"truncated": float(truncated.sum()), "repeat": float(repeated.sum())}
+
+    def _informative(self, trajs: list, rewards: torch.Tensor) -> tuple[list, torch.Tensor]:
+        """The groups whose k rewards are not all equal (paper 2.3.2: with the mean baseline a group of equal
+        rewards has ``r_j - r_bar = 0``, and at ``pi_theta = pi_i`` the tau term's gradient is zero too)."""
+        k = self.cfg.rl.group_size
+        if not trajs:
+            return trajs, rewards
+        spread = rewards.view(-1, k)
+        keep = (spread.max(dim=1).values > spread.min(dim=1).values).repeat_interleave(k)
+        return [t for t, m in zip(trajs, keep.tolist()) if m], rewards[keep]
 
     def train_on(self, trajs: list, rewards: torch.Tensor) -> dict[str, float]:
         """Reference log-probs once (no grad), then ``epochs`` passes of minibatch PMD steps.
