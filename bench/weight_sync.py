@@ -20,7 +20,6 @@ import argparse
 import datetime
 import json
 import os
-import socket
 import statistics
 import time
 from pathlib import Path
@@ -29,7 +28,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from k15sys.weights import CheckpointEngine
+from k15sys.weights import CheckpointEngine, free_port
 
 
 def _sync(dev: torch.device) -> None:
@@ -162,9 +161,7 @@ def main() -> None:
         world = args.gpus or torch.cuda.device_count()
         if world < 2:
             raise SystemExit("weight_sync needs >= 2 GPUs (or --quick for the CPU)")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     tmp = f"/tmp/k15_weight_sync_{os.getpid()}.json"
     mp.spawn(worker, args=(world, port, args, tmp), nprocs=world, join=True)
     result = json.loads(Path(tmp).read_text())

@@ -8,7 +8,6 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import socket
 import time
 
 import pytest
@@ -17,16 +16,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import k15sys.weights.checkpoint_engine as ce
-from k15sys.weights import CheckpointEngine, WeightSyncError
+from k15sys.weights import CheckpointEngine, WeightSyncError, free_port
 
 pytestmark = pytest.mark.distributed
 TIMEOUT_S = 8
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _tensors(version: int, part: int = 0) -> dict[str, torch.Tensor]:
@@ -156,7 +149,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str, scenario: str) -> No
 
 def _run(tmp_path, scenario: str, world: int = 3) -> list[dict | None]:
     ctx = mp.get_context("spawn")
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_worker, args=(r, world, port, str(tmp_path), scenario)) for r in range(world)]
     for p in procs:
         p.start()
@@ -249,7 +242,7 @@ def _ipc_worker(rank: int, port: int, out_dir: str) -> None:
 @pytest.mark.gpu
 def test_colocated_cuda_ipc(tmp_path):
     ctx = mp.get_context("spawn")
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_ipc_worker, args=(r, port, str(tmp_path))) for r in range(2)]
     for p in procs:
         p.start()
@@ -290,7 +283,7 @@ def _cuda_worker(rank: int, port: int, out_dir: str) -> None:
 @pytest.mark.gpu
 def test_cuda_buckets_staged_and_in_place(tmp_path):
     ctx = mp.get_context("spawn")
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_cuda_worker, args=(r, port, str(tmp_path))) for r in range(2)]
     for p in procs:
         p.start()

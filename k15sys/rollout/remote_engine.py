@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import socket
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -29,7 +28,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from k15sys.rollout.types import Completion, SamplingParams
-from k15sys.weights import CheckpointEngine
+from k15sys.weights import CheckpointEngine, free_port
 
 
 def _serve(rank: int, world: int, port: int, make_engine: Callable[[], Any], timeout_s: float,
@@ -81,9 +80,7 @@ class RemoteEngine:
         if dist.is_initialized():
             raise ValueError("RemoteEngine: this process already has a default process group (torchrun); "
                              "rollout workers are supported with a single-process trainer")
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = free_port()
         world = num_workers + 1
         ctx = mp.get_context("spawn")
         gpus = cuda_devices or [None] * num_workers

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import pickle
+import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -35,6 +36,14 @@ from k15sys.weights.hostcopy import copy_bytes, default_copy_threads
 
 LoadFn = Callable[[list[tuple[str, torch.Tensor]]], None]
 _CHECKSUM_CHUNK = 1 << 24  # int32 words per device checksum step (64 MiB)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on ``host`` now, for the ``tcp://`` rendezvous of a process group that the engine's ranks
+    (or :class:`k15sys.rollout.RemoteEngine`'s workers) join."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
 
 
 class WeightSyncError(RuntimeError):
