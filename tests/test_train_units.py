@@ -1,6 +1,7 @@
 """Unit tests of the main job's pieces: task, tokenizer, config, packing, policy log-probs, checkpoints, metrics."""
 from __future__ import annotations
 
+import math
 import random
 import re
 
@@ -189,3 +190,17 @@ def test_zero_advantage_groups_are_skipped_and_carry_no_gradient():
     idx = torch.tensor([4, 5, 6, 7, 12, 13, 14, 15])
     pmd_loss(logp[idx], ref[idx], kept_r, group_size=k, tau=0.3).backward()
     torch.testing.assert_close(logp.grad[idx] * 8 / 16, full[idx])
+
+
+def test_rl_learning_rate_warmup_and_cosine_decay():
+    from k15sys.train.trainer import rl_learning_rate
+
+    constant = load_config(None, ["rl.lr=1e-5"]).rl
+    assert [rl_learning_rate(constant, i) for i in (0, 7, 500)] == [1e-5] * 3
+    decay = load_config(None, ["rl.lr=1e-5", "rl.lr_min=2e-6", "rl.decay_iterations=100"]).rl
+    lrs = [rl_learning_rate(decay, i) for i in range(0, 201, 25)]
+    assert lrs[0] == pytest.approx(1e-5) and lrs[2] == pytest.approx(6e-6) and lrs[4:] == pytest.approx([2e-6] * 5)
+    assert all(a > b for a, b in zip(lrs[:4], lrs[1:5]))  # falls monotonically until the end of the decay
+    both = load_config(None, ["rl.lr=1e-5", "rl.lr_min=0", "rl.decay_iterations=10", "rl.warmup_iterations=4"]).rl
+    assert rl_learning_rate(both, 0) == pytest.approx(0.25 * 1e-5 * 0.5 * (1 + math.cos(0.0)))
+    assert rl_learning_rate(both, 10) == 0.0

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -42,6 +43,18 @@ from k15sys.train.packing import pack
 from k15sys.train.policy import PackedPolicy
 from k15sys.train.sft import sft_steps
 from k15sys.weights import push_weights
+
+
+def rl_learning_rate(cfg: Any, iteration: int) -> float:
+    """The RL learning rate of ``iteration`` (0-based): linear warm-up over ``warmup_iterations``, cosine decay
+    from ``lr`` to ``lr_min`` over ``decay_iterations`` (then ``lr_min``); constant ``lr`` when both are 0."""
+    lr = cfg.lr
+    if cfg.decay_iterations:
+        frac = min(1.0, iteration / cfg.decay_iterations)
+        lr = cfg.lr_min + (cfg.lr - cfg.lr_min) * 0.5 * (1.0 + math.cos(math.pi * frac))
+    if cfg.warmup_iterations:
+        lr *= min(1.0, (iteration + 1) / cfg.warmup_iterations)
+    return lr
 
 
 def _progress(iterable: Any, enabled: bool, **kw: Any) -> Any:
@@ -293,7 +306,7 @@ class Trainer:
         with torch.no_grad():
             refs = [self._seq_logp(forward(chunks[c] if c < len(chunks) else [])) for c in range(steps)]
             ref = torch.cat(refs[: len(chunks)]) if chunks else torch.zeros(0)
-        lr = cfg.lr * min(1.0, (self.iteration + 1) / cfg.warmup_iterations) if cfg.warmup_iterations else cfg.lr
+        lr = rl_learning_rate(cfg, self.iteration)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         gen = torch.Generator().manual_seed(self.cfg.run.seed * 31 + self.iteration)
