@@ -195,7 +195,7 @@ def test_zero_advantage_groups_are_skipped_and_carry_no_gradient():
 def test_rl_learning_rate_warmup_and_cosine_decay():
     from k15sys.train.trainer import rl_learning_rate
 
-    constant = load_config(None, ["rl.lr=1e-5"]).rl
+    constant = load_config(None, ["rl.lr=1e-5", "rl.decay_iterations=0"]).rl
     assert [rl_learning_rate(constant, i) for i in (0, 7, 500)] == [1e-5] * 3
     decay = load_config(None, ["rl.lr=1e-5", "rl.lr_min=2e-6", "rl.decay_iterations=100"]).rl
     lrs = [rl_learning_rate(decay, i) for i in range(0, 201, 25)]

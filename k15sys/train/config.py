@@ -82,8 +82,9 @@ class RLConfig:
     optimizer: str = _opt("adamw", "RL optimizer: adamw, or sgd (momentum 0.9; steps proportional to the gradient)",
                           choices=("adamw", "sgd"))
     warmup_iterations: int = _opt(0, "linear learning-rate warm-up over the first RL iterations", min=0)
-    decay_iterations: int = _opt(0, "cosine decay of the learning rate from rl.lr to rl.lr_min over the first this "
-                                 "many RL iterations, then rl.lr_min (0 = constant rl.lr)", min=0)
+    decay_iterations: int = _opt(450, "cosine decay of the learning rate from rl.lr to rl.lr_min over the first this "
+                                 "many RL iterations, then rl.lr_min (0 = constant rl.lr); 450 ~ the iterations of "
+                                 "15 minutes on a 2-core CPU", min=0)
     lr_min: float = _opt(2e-6, "learning rate at the end of the decay (rl.decay_iterations)", min=0.0)
     minibatch_size: int = _opt(64, "sequences per optimizer step (a multiple of group_size)", min=1)
     epochs: int = _opt(1, "passes over each iteration's batch", min=1)
