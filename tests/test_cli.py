@@ -48,9 +48,10 @@ def test_train_writes_sft_row_then_rl_rows(tiny_run):
     assert rows[0]["stage"] == "sft" and rows[0]["iteration"] == 0 and "eval/pass@1" in rows[0]
     assert [r["iteration"] for r in rows] == [0, 1, 2]
     for key in ("rl/reward", "rl/accuracy", "rl/response_len", "rl/response_len_max", "rl/truncation_rate",
-                "rl/repeat_rate", "rl/entropy", "rl/kl_ref", "rl/grad_norm", "perf/rollout_tokens_per_s",
+                "rl/repeat_rate", "rl/trained_groups", "rl/entropy", "rl/kl_ref", "rl/grad_norm", "perf/rollout_tokens_per_s",
                 "time/rollout_s", "time/train_s", "eval/pass@1"):
         assert key in rows[1], key
+    assert all(r["rl/trained_groups"] == r["rl/groups"] for r in rows[1:])  # rl.skip_zero_advantage=false
     assert (tiny_run / "checkpoints" / "latest").exists()
     assert any((tiny_run / "tensorboard").iterdir())
 

@@ -169,16 +169,13 @@ def test_metrics_jsonl_truncate(tmp_path):
 def test_zero_advantage_groups_are_skipped_and_carry_no_gradient():
     """rl.skip_zero_advantage: groups of equal rewards are dropped; on-policy their PMD gradient is zero,
     so the kept groups' gradient is the full batch's up to the 1/N of the mean."""
-    from types import SimpleNamespace
-
     from k15sys.algo import pmd_loss
-    from k15sys.train.trainer import Trainer
+    from k15sys.train.trainer import informative_groups
 
     k = 4
     rewards = torch.tensor([0., 0., 0., 0., 1., 0., 1., 0., 1., 1., 1., 1., -1., 1., 1., 1.])
     trajs = [f"t{i}" for i in range(16)]
-    me = SimpleNamespace(cfg=SimpleNamespace(rl=SimpleNamespace(group_size=k)))
-    kept, kept_r = Trainer._informative(me, trajs, rewards)
+    kept, kept_r = informative_groups(trajs, rewards, k)
     assert kept == trajs[4:8] + trajs[12:16]
     assert torch.equal(kept_r, torch.cat([rewards[4:8], rewards[12:16]]))
     logp = torch.randn(16, dtype=torch.float64, requires_grad=True)
@@ -204,3 +201,37 @@ def test_rl_learning_rate_warmup_and_cosine_decay():
     both = load_config(None, ["rl.lr=1e-5", "rl.lr_min=0", "rl.decay_iterations=10", "rl.warmup_iterations=4"]).rl
     assert rl_learning_rate(both, 0) == pytest.approx(0.25 * 1e-5 * 0.5 * (1 + math.cos(0.0)))
     assert rl_learning_rate(both, 10) == 0.0
+
+
+def test_rl_iteration_trains_only_the_informative_groups(tmp_path):
+    """With rl.skip_zero_advantage (the default) an iteration trains the groups whose rewards differ and logs
+    how many; an iteration where every group agrees trains nothing and leaves the weights as they were."""
+    from k15sys.train.trainer import Trainer
+
+    cfg = load_config(None, ["rl.prompts_per_iteration=4", "rl.group_size=4", "rl.minibatch_size=8",
+                             "rl.max_new_tokens=16", "task.num_train=48", "task.num_eval=8", "run.threads=1",
+                             "run.progress=false", "run.tensorboard=false", "model.hidden_size=32",
+                             "model.intermediate_size=64", "model.num_layers=2", f"run.output_dir={tmp_path}"])
+    trainer = Trainer(cfg)
+    real_rewards = trainer.rewards
+    mixed = torch.tensor([1.0, 0.0, 0.0, 0.0])  # group 0 mixed, the others uniform
+
+    def first_group_mixed(groups, it):
+        correct, _, info = real_rewards(groups, it)
+        rewards = torch.cat([mixed if g == 0 else torch.zeros(4) for g in range(len(groups))])
+        return correct, rewards, info
+
+    trainer.rl_iteration()  # partial rollouts: the first groups complete in the second iteration
+    trainer.rewards = first_group_mixed
+    row = trainer.rl_iteration()
+    assert row["rl/groups"] >= 2 and row["rl/trained_groups"] == 1 and "rl/loss" in row
+    def all_agree(groups, it):
+        correct, _, info = real_rewards(groups, it)
+        return correct, torch.zeros(4 * len(groups)), info
+
+    trainer.rewards = all_agree
+    before = {k: v.clone() for k, v in trainer.policy.state_dict().items()}
+    row = trainer.rl_iteration()
+    assert row["rl/groups"] >= 1 and row["rl/trained_groups"] == 0 and "rl/loss" not in row
+    assert all(torch.equal(before[k], v) for k, v in trainer.policy.state_dict().items())
+    trainer.close()

@@ -35,7 +35,7 @@ from k15sys.rollout import Group, PartialRolloutScheduler, RemoteEngine, ReplayB
 from k15sys.tasks import CharTokenizer, make_splits
 from k15sys.train import distributed as dist_utils
 from k15sys.train.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from k15sys.train.config import Config, to_dict
+from k15sys.train.config import Config, RLConfig, to_dict
 from k15sys.train.evaluation import evaluate
 from k15sys.train.metrics import MetricsLog
 from k15sys.train.model import build_model
@@ -45,7 +45,17 @@ from k15sys.train.sft import sft_steps
 from k15sys.weights import push_weights
 
 
-def rl_learning_rate(cfg: Any, iteration: int) -> float:
+def informative_groups(trajs: list, rewards: torch.Tensor, group_size: int) -> tuple[list, torch.Tensor]:
+    """The groups (k consecutive samples) whose rewards are not all equal (paper 2.3.2: with the mean baseline a
+    group of equal rewards has ``r_j - r_bar = 0``, and at ``pi_theta = pi_i`` the tau term's gradient is zero too)."""
+    if not trajs:
+        return trajs, rewards
+    spread = rewards.view(-1, group_size)
+    keep = (spread.max(dim=1).values > spread.min(dim=1).values).repeat_interleave(group_size)
+    return [t for t, m in zip(trajs, keep.tolist()) if m], rewards[keep]
+
+
+def rl_learning_rate(cfg: RLConfig, iteration: int) -> float:
     """The RL learning rate of ``iteration`` (0-based): linear warm-up over ``warmup_iterations``, cosine decay
     from ``lr`` to ``lr_min`` over ``decay_iterations`` (then ``lr_min``); constant ``lr`` when both are 0."""
     lr = cfg.lr
@@ -212,9 +222,9 @@ class Trainer:
         self.scheduler.sampler.update(*dist_utils.gather_sampler_feedback(groups, correct.tolist()))
         # 3-4. pack, reference log-probs once, minibatch steps on the PMD loss
         t0 = time.perf_counter()
-        train_trajs, train_rewards = self._informative(trajs, rewards) if cfg.skip_zero_advantage else (trajs, rewards)
+        train_trajs, train_rewards = (informative_groups(trajs, rewards, cfg.group_size) if cfg.skip_zero_advantage
+                                      else (trajs, rewards))
         stats = self.train_on(train_trajs, train_rewards)
-        stats["rl/trained_groups"] = dist_utils.sum_dict({"n": float(len(train_trajs))})["n"] / cfg.group_size
         times["time/train_s"] = time.perf_counter() - t0
         self.stop_after(it, "step")
         # 5. weight sync to the rollout engine
@@ -226,7 +236,7 @@ class Trainer:
         local = {
             "n": float(len(trajs)), "correct": float(correct.sum()), "reward": float(rewards.sum()),
             "len": float(sum(lengths)), "len_max": float(max(lengths, default=0)), "truncated": info["truncated"],
-            "repeat": info["repeat"], "generated": float(generated),
+            "repeat": info["repeat"], "generated": float(generated), "trained": float(len(train_trajs)),
         }
         tot = dist_utils.sum_dict(local)
         n = max(tot["n"], 1.0)
@@ -234,6 +244,7 @@ class Trainer:
         return {
             "iteration": self.iteration,
             "rl/groups": tot["n"] / cfg.group_size,
+            "rl/trained_groups": tot["trained"] / cfg.group_size,
             "rl/reward": tot["reward"] / n,
             "rl/accuracy": tot["correct"] / n,
             "rl/response_len": tot["len"] / n,
@@ -269,16 +280,6 @@ class Trainer:
             lengths = torch.tensor([len(t.response_ids) for t in trajs], dtype=torch.float32)
             rewards = rewards + weight * length_penalty(lengths, correct > 0, group_size=cfg.group_size)
         return correct, rewards, {"truncated": float(truncated.sum()), "repeat": float(repeated.sum())}
-
-    def _informative(self, trajs: list, rewards: torch.Tensor) -> tuple[list, torch.Tensor]:
-        """The groups whose k rewards are not all equal (paper 2.3.2: with the mean baseline a group of equal
-        rewards has ``r_j - r_bar = 0``, and at ``pi_theta = pi_i`` the tau term's gradient is zero too)."""
-        k = self.cfg.rl.group_size
-        if not trajs:
-            return trajs, rewards
-        spread = rewards.view(-1, k)
-        keep = (spread.max(dim=1).values > spread.min(dim=1).values).repeat_interleave(k)
-        return [t for t, m in zip(trajs, keep.tolist()) if m], rewards[keep]
 
     def train_on(self, trajs: list, rewards: torch.Tensor) -> dict[str, float]:
         """Reference log-probs once (no grad), then ``epochs`` passes of minibatch PMD steps.
