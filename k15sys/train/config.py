@@ -223,6 +223,8 @@ def _cross_checks(cfg: Config) -> None:
         raise ConfigError(f"rl.tau: must be > 0, got {cfg.rl.tau}")
     if cfg.rl.token_budget > cfg.rl.max_new_tokens:
         raise ConfigError(f"rl.token_budget: {cfg.rl.token_budget} exceeds rl.max_new_tokens={cfg.rl.max_new_tokens}")
+    if cfg.rl.decay_iterations and cfg.rl.lr_min > cfg.rl.lr:
+        raise ConfigError(f"rl.lr_min: {cfg.rl.lr_min} exceeds rl.lr={cfg.rl.lr} (the decay goes down to it)")
 
 
 def config_from_dict(data: dict[str, Any]) -> Config:
