@@ -42,14 +42,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     from k15sys.train.trainer import Trainer
 
     distributed.init_from_env(cfg.run.device)
-    trainer = None
+    world = distributed.rank_and_world()[1]
+    trainer, finished = None, False
     try:
         trainer = Trainer(cfg)
         trainer.run(resume=args.resume)
+        finished = True
     finally:
         if trainer is not None:
             trainer.close()
-        distributed.shutdown()
+        distributed.shutdown(barrier=finished)
+    if world > 1:
+        distributed.exit_rank(0)
     return 0
 
 

@@ -7,9 +7,11 @@ layer, then on the root), never baked into the model class.
 """
 from __future__ import annotations
 
+import logging
 import os
+import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -27,10 +29,31 @@ def init_from_env(device: str = "auto") -> None:
             dist.init_process_group("gloo")
 
 
-def shutdown() -> None:
-    """Tear the trainer's process group down (every rank), so no backend thread outlives the interpreter."""
+def shutdown(*, barrier: bool = False) -> None:
+    """Tear the trainer's process group down (every rank), so no backend thread outlives the interpreter.
+
+    ``barrier=True`` (a run that ended normally on every rank) first waits until no peer still needs this
+    rank; after an error it must stay False, as a peer stuck in a collective would never reach the barrier.
+    """
     if _distributed():
+        if barrier:
+            dist.barrier()
         dist.destroy_process_group()
+
+
+def exit_rank(code: int = 0) -> NoReturn:
+    """End a torchrun rank after :func:`shutdown` without tearing the interpreter down.
+
+    torch's DTensor caches (sharding propagation, redistribute plans, mesh topology) keep FSDP2's device
+    mesh, and through it the process group and its gloo worker threads, alive after
+    ``destroy_process_group``. Interpreter teardown with those threads running aborts now and then
+    ("terminate called without an active exception"), which torchrun reports as a failed run. So a rank
+    that is done flushes its output and leaves with ``os._exit``.
+    """
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    logging.shutdown()
+    os._exit(code)
 
 
 def resolve_device(device: str) -> torch.device:
