@@ -236,3 +236,36 @@ def test_rl_iteration_trains_only_the_informative_groups(tmp_path):
     assert row["rl/groups"] >= 1 and row["rl/trained_groups"] == 0 and "rl/loss" not in row
     assert all(torch.equal(before[k], v) for k, v in trainer.policy.state_dict().items())
     trainer.close()
+
+
+def test_generation_and_training_use_their_own_thread_counts(tmp_path):
+    """run.rollout_threads applies while the engine generates (rollouts, evaluation), run.threads while training."""
+    from k15sys.train.trainer import Trainer
+
+    cfg = load_config(None, ["rl.prompts_per_iteration=4", "rl.group_size=4", "rl.minibatch_size=8",
+                             "rl.max_new_tokens=8", "task.num_train=48", "task.num_eval=8", "run.threads=2",
+                             "run.rollout_threads=1", "run.progress=false", "run.tensorboard=false",
+                             "rl.skip_zero_advantage=false", "model.hidden_size=32",
+                             "model.intermediate_size=64", "model.num_layers=2", f"run.output_dir={tmp_path}"])
+    before = torch.get_num_threads()
+    try:
+        trainer = Trainer(cfg)
+        seen: dict[str, set[int]] = {"generate": set(), "train": set()}
+        generate, forward = trainer.engine.generate, trainer.policy.forward
+
+        def counting_generate(*args, **kwargs):
+            seen["generate"].add(torch.get_num_threads())
+            return generate(*args, **kwargs)
+
+        def counting_forward(*args, **kwargs):
+            seen["train"].add(torch.get_num_threads())
+            return forward(*args, **kwargs)
+
+        trainer.engine.generate, trainer.policy.forward = counting_generate, counting_forward
+        trainer._evaluate()
+        for _ in range(2):
+            trainer.rl_iteration()
+        assert seen == {"generate": {1}, "train": {2}} and torch.get_num_threads() == 2
+        trainer.close()
+    finally:
+        torch.set_num_threads(before)

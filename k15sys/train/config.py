@@ -140,7 +140,11 @@ class RunConfig:
                        "under torchrun), cpu or cuda; on cuda the policy's attention is k15sys varlen_attention",
                        choices=("auto", "cpu", "cuda"))
     seed: int = _opt(0, "seed of sampling, rollouts and minibatch order", min=0)
-    threads: int = _opt(1, "torch intra-op threads (0 = torch default); 1 keeps runs bit-reproducible", min=0)
+    threads: int = _opt(2, "torch intra-op threads of training (0 = torch default); a fixed count keeps runs "
+                        "bit-reproducible on one machine", min=0)
+    rollout_threads: int = _opt(1, "torch intra-op threads while generating (rollouts, evaluation, rollout "
+                                "workers); 0 = run.threads. Decoding's small matmuls run fastest on one thread "
+                                "on the CPU", min=0)
     checkpoint_every: int = _opt(10, "save a checkpoint every this many RL iterations", min=1)
     keep_checkpoints: int = _opt(2, "checkpoints kept on disk", min=1)
     pack_row_tokens: int = _opt(256, "sequence packing: tokens per packed row (0 = one row)", min=0)

@@ -21,7 +21,8 @@ import copy
 import functools
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +68,18 @@ def rl_learning_rate(cfg: RLConfig, iteration: int) -> float:
     return lr
 
 
+@contextmanager
+def intra_op_threads(n: int) -> Iterator[None]:
+    """Run the block on ``n`` torch intra-op threads (0 = leave the count as it is), then restore it."""
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _progress(iterable: Any, enabled: bool, **kw: Any) -> Any:
     if not enabled:
         return iterable
@@ -84,8 +97,8 @@ def _build_lm(cfg: Config, tok: CharTokenizer) -> torch.nn.Module:
 def build_rollout_engine(cfg: Config) -> TorchEngine:
     """A rollout worker's engine (run in the worker process): the policy's architecture on ``run.device``;
     its weights arrive with the first weight sync."""
-    if cfg.run.threads:
-        torch.set_num_threads(cfg.run.threads)
+    if cfg.run.rollout_threads or cfg.run.threads:
+        torch.set_num_threads(cfg.run.rollout_threads or cfg.run.threads)
     tok = CharTokenizer()
     lm = _build_lm(cfg, tok)
     device = dist_utils.resolve_device(cfg.run.device)
@@ -208,7 +221,8 @@ class Trainer:
         self.scheduler.params = SamplingParams(cfg.max_new_tokens, temperature=cfg.temperature,
                                                stop_token_ids=(self.tokenizer.eos_token_id,),
                                                seed=self.cfg.run.seed * 1_000_003 + it * 7919 + self.rank)
-        groups = self.scheduler.run_iteration(policy_version=it)
+        with intra_op_threads(self.cfg.run.rollout_threads):
+            groups = self.scheduler.run_iteration(policy_version=it)
         if self.cfg.run.colocate:  # free the engine's accelerator memory while the trainer works
             self.engine.sleep()
         times["time/rollout_s"] = time.perf_counter() - t0
@@ -360,8 +374,10 @@ class Trainer:
         t0 = time.perf_counter()
         row = {}
         if self.rank == 0:
-            row = evaluate(self.engine, self.tokenizer, self.splits.eval, max_new_tokens=self.cfg.rl.max_new_tokens,
-                           num_samples=e.num_samples, temperature=e.temperature, batch_size=e.batch_size, seed=self.cfg.run.seed)
+            with intra_op_threads(self.cfg.run.rollout_threads):
+                row = evaluate(self.engine, self.tokenizer, self.splits.eval, max_new_tokens=self.cfg.rl.max_new_tokens,
+                               num_samples=e.num_samples, temperature=e.temperature, batch_size=e.batch_size,
+                               seed=self.cfg.run.seed)
         row = dist_utils.broadcast_object(row)
         row["time/eval_s"] = time.perf_counter() - t0
         return row
