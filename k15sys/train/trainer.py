@@ -97,8 +97,9 @@ def _build_lm(cfg: Config, tok: CharTokenizer) -> torch.nn.Module:
 def build_rollout_engine(cfg: Config) -> TorchEngine:
     """A rollout worker's engine (run in the worker process): the policy's architecture on ``run.device``;
     its weights arrive with the first weight sync."""
-    if cfg.run.rollout_threads or cfg.run.threads:
-        torch.set_num_threads(cfg.run.rollout_threads or cfg.run.threads)
+    threads = cfg.run.rollout_threads or cfg.run.threads  # the worker only generates
+    if threads:
+        torch.set_num_threads(threads)
     tok = CharTokenizer()
     lm = _build_lm(cfg, tok)
     device = dist_utils.resolve_device(cfg.run.device)
