@@ -107,7 +107,8 @@ def test_config_yaml_default_overrides_and_errors(tmp_path):
                      ("run.device=tpu", "run.device"), ("task.mistake_prob=1.5", "task.mistake_prob"),
                      ("task.direct_prob=2", "task.direct_prob"), ("rl.optimizer=adam", "rl.optimizer"),
                      ("run.rollout_workers=-1", "run.rollout_workers"), ("rl.decay_iterations=-1", "rl.decay_iterations"),
-                     ("rl.lr_min=1e-3", "rl.lr_min"), ("rl.skip_zero_advantage=maybe", "rl.skip_zero_advantage")]:
+                     ("rl.lr_min=1e-3", "rl.lr_min"), ("rl.skip_zero_advantage=maybe", "rl.skip_zero_advantage"),
+                     ("run.rollout_threads=-1", "run.rollout_threads")]:
         with pytest.raises(ConfigError, match=f"^{key}"):
             load_config(None, [bad])
     f = tmp_path / "c.yaml"
