@@ -62,12 +62,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from k15sys.train.evaluation import evaluate
     from k15sys.train.long2short_job import _load
+    from k15sys.train.trainer import intra_op_threads
 
     cfg = _load_cfg_for_run(args)
     tr = _load(cfg, Path(args.run_dir))
-    row = evaluate(tr.engine, tr.tokenizer, tr.splits.eval, max_new_tokens=cfg.rl.max_new_tokens,
-                   num_samples=args.samples, temperature=cfg.eval.temperature, batch_size=cfg.eval.batch_size,
-                   seed=cfg.run.seed)
+    with intra_op_threads(cfg.run.rollout_threads or cfg.run.threads):
+        row = evaluate(tr.engine, tr.tokenizer, tr.splits.eval, max_new_tokens=cfg.rl.max_new_tokens,
+                       num_samples=args.samples, temperature=cfg.eval.temperature, batch_size=cfg.eval.batch_size,
+                       seed=cfg.run.seed)
     tr.scheduler.close()
     print(json.dumps({"iteration": tr.iteration, **row}, sort_keys=True))
     return 0

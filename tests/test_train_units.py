@@ -63,6 +63,31 @@ def test_self_correcting_traces_expose_the_slip_and_still_verify():
                                                                            mistake_prob=0.0)
 
 
+def test_sft_does_not_train_on_the_slips_of_self_correcting_traces():
+    """The wrong step of a self-correcting trace is context for the check and the redo, never a label."""
+    splits = make_splits(seed=2, num_train=100, num_eval=5, min_ops=2, max_ops=5, max_operand=9)
+    tok = CharTokenizer()
+    seqs, plens, targets = sft_examples(splits.train, tok, rng=random.Random(3), verify_prob=1.0, n=200,
+                                        mistake_prob=0.5)
+    batch = pack(seqs, plens, targets=targets, row_tokens=128)
+    labelled = batch.labels != IGNORE_INDEX
+    slips = 0
+    for i, (seq, n, keep) in enumerate(zip(seqs, plens, targets)):
+        text = tok.decode(seq[n:])
+        hidden = "".join(tok.tokens[t] if k else "_" for t, k in zip(seq[n:], keep[n:]))
+        # every '?' closes the check of a slip; the slip (digits and ops before its '[') is the only hidden text
+        for m in re.finditer(r"(?:^|=)([\d+\-]+)\[[^\]]*\]\?", text):
+            slips += 1
+            assert set(hidden[m.start(1):m.end(1)]) == {"_"}
+        assert hidden.count("_") == sum(len(m.group(1)) for m in re.finditer(r"(?:^|=)([\d+\-]+)\[[^\]]*\]\?", text))
+        # the packed labels of sample i are exactly its kept response tokens
+        assert int(labelled[batch.seq_index == i].sum()) == sum(keep[n:])
+    assert slips > 50
+    assert all(all(k) for k in sft_examples(splits.train, tok, rng=random.Random(3), verify_prob=1.0, n=50)[2])
+    with pytest.raises(ValueError, match="targets"):
+        pack(seqs[:2], plens[:2], targets=targets[:1])
+
+
 def test_splits_are_disjoint_seeded_and_labelled():
     a = make_splits(seed=3, num_train=300, num_eval=50, min_ops=2, max_ops=4, max_operand=9)
     b = make_splits(seed=3, num_train=300, num_eval=50, min_ops=2, max_ops=4, max_operand=9)
@@ -78,7 +103,7 @@ def test_direct_answers_verify_and_mix_into_sft_data():
     p = splits.train[0]
     assert direct_answer(p) == f"\\boxed{{{p.answer}}}" and math_reward(direct_answer(p), p.answer) == 1.0
     tok = CharTokenizer()
-    seqs, plens = sft_examples(splits.train, tok, rng=random.Random(0), verify_prob=0.5, n=400, direct_prob=0.6)
+    seqs, plens, _ = sft_examples(splits.train, tok, rng=random.Random(0), verify_prob=0.5, n=400, direct_prob=0.6)
     direct = sum(tok.decode(s[n:]).startswith("\\boxed") for s, n in zip(seqs, plens))
     assert 200 <= direct <= 280  # ~60% of 400
 
@@ -191,6 +216,44 @@ def test_zero_advantage_groups_are_skipped_and_carry_no_gradient():
     torch.testing.assert_close(logp.grad[idx] * 8 / 16, full[idx])
 
 
+@pytest.mark.parametrize("tempered", [True, False])
+def test_pmd_log_probs_are_taken_at_the_rollout_temperature(tmp_path, tempered):
+    """rl.tempered_logprobs: the trainer scores rollouts under softmax(logits / rl.temperature), which equals the
+    engine's own sampling log-probs (the samples are on-policy); false scores them under the untempered logits."""
+    from k15sys.rollout import SamplingParams
+    from k15sys.train.trainer import Trainer
+
+    cfg = load_config(None, ["rl.prompts_per_iteration=4", "rl.group_size=4", "rl.minibatch_size=8",
+                             "rl.max_new_tokens=8", "task.num_train=48", "task.num_eval=8", "run.threads=1",
+                             "rl.temperature=0.5", f"rl.tempered_logprobs={str(tempered).lower()}",
+                             "rl.skip_zero_advantage=false", "run.progress=false", "run.tensorboard=false",
+                             "model.hidden_size=32", "model.intermediate_size=64", "model.num_layers=2",
+                             f"run.output_dir={tmp_path}"])
+    trainer = Trainer(cfg)
+    tok = trainer.tokenizer
+    prompts = [tok.encode(p.prompt, bos=True) for p in trainer.splits.train[:6]]
+    comps = trainer.engine.generate(prompts, SamplingParams(12, temperature=0.5, seed=3))
+    batch = pack([p + c.token_ids for p, c in zip(prompts, comps)], [len(p) for p in prompts])
+    with torch.no_grad():
+        at_t = trainer.policy(batch, temperature=0.5).seq_logp
+        untempered = trainer.policy(batch).seq_logp
+    sampled = torch.tensor([sum(c.logprobs) for c in comps], dtype=at_t.dtype)
+    torch.testing.assert_close(at_t, sampled, atol=1e-4, rtol=0)
+    assert float((untempered - sampled).abs().max()) > 1e-2
+    seen: list[float] = []
+    forward = trainer.policy.forward
+
+    def recording_forward(*args, **kwargs):
+        seen.append(kwargs.get("temperature", 1.0))
+        return forward(*args, **kwargs)
+
+    trainer.policy.forward = recording_forward
+    for _ in range(3):
+        trainer.rl_iteration()
+    assert seen and set(seen) == {0.5 if tempered else 1.0}
+    trainer.close()
+
+
 def test_rl_learning_rate_warmup_and_cosine_decay():
     from k15sys.train.trainer import rl_learning_rate
 
@@ -240,7 +303,8 @@ def test_rl_iteration_trains_only_the_informative_groups(tmp_path):
 
 
 def test_generation_and_training_use_their_own_thread_counts(tmp_path):
-    """run.rollout_threads applies while the engine generates (rollouts, evaluation), run.threads while training."""
+    """run.rollout_threads applies while the engine generates (rollouts, evaluation), run.threads while training;
+    the caller's own thread count is left as it was (a library user's process setting is not changed)."""
     from k15sys.train.trainer import Trainer
 
     cfg = load_config(None, ["rl.prompts_per_iteration=4", "rl.group_size=4", "rl.minibatch_size=8",
@@ -249,8 +313,10 @@ def test_generation_and_training_use_their_own_thread_counts(tmp_path):
                              "rl.skip_zero_advantage=false", "model.hidden_size=32",
                              "model.intermediate_size=64", "model.num_layers=2", f"run.output_dir={tmp_path}"])
     before = torch.get_num_threads()
+    torch.set_num_threads(3)
     try:
         trainer = Trainer(cfg)
+        assert torch.get_num_threads() == 3
         seen: dict[str, set[int]] = {"generate": set(), "train": set()}
         generate, forward = trainer.engine.generate, trainer.policy.forward
 
@@ -266,7 +332,7 @@ def test_generation_and_training_use_their_own_thread_counts(tmp_path):
         trainer._evaluate()
         for _ in range(2):
             trainer.rl_iteration()
-        assert seen == {"generate": {1}, "train": {2}} and torch.get_num_threads() == 2
+        assert seen == {"generate": {1}, "train": {2}} and torch.get_num_threads() == 3
         trainer.close()
     finally:
         torch.set_num_threads(before)

@@ -4,7 +4,9 @@
   answer in ``\\boxed{}``, a difficulty label per problem, long-CoT and short-CoT solution traces.
 - :class:`CharTokenizer` — the character-level tokenizer of that task.
 """
-from k15sys.tasks.arithmetic import Problem, TaskSplits, direct_answer, make_problem, make_splits, solution
+from k15sys.tasks.arithmetic import (Problem, TaskSplits, direct_answer, make_problem, make_splits, solution,
+                                     solution_segments)
 from k15sys.tasks.tokenizer import CharTokenizer
 
-__all__ = ["CharTokenizer", "Problem", "TaskSplits", "direct_answer", "make_problem", "make_splits", "solution"]
+__all__ = ["CharTokenizer", "Problem", "TaskSplits", "direct_answer", "make_problem", "make_splits", "solution",
+           "solution_segments"]

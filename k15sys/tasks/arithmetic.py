@@ -56,32 +56,45 @@ def make_problem(rng: random.Random, num_ops: int, max_operand: int) -> Problem:
     return Problem(prompt=_expr(start, ops_t) + "=", answer=str(value), difficulty=num_ops, start=start, ops=ops_t)
 
 
-def solution(problem: Problem, *, rng: random.Random | None = None, verify_prob: float = 0.0,
-             mistake_prob: float = 0.0) -> str:
-    """The step-by-step solution text (response only). ``verify_prob`` > 0 adds long-CoT checks;
-    ``mistake_prob`` > 0 makes that share of the checked steps first come out wrong, the check expose it
-    (its result is not the previous value) and ``?`` mark the step redone: ``10+8[10+3=13]?9+8[9+3=12]``,
-    as a long chain of thought catches and corrects its own slips (both need rng)."""
+def solution_segments(problem: Problem, *, rng: random.Random | None = None, verify_prob: float = 0.0,
+                      mistake_prob: float = 0.0) -> list[tuple[str, bool]]:
+    """The step-by-step solution (response only) as ``(text, imitate)`` segments; ``"".join`` of the texts
+    is :func:`solution`. ``verify_prob`` > 0 adds long-CoT checks; ``mistake_prob`` > 0 makes that share of
+    the checked steps first come out wrong, the check expose it (its result is not the previous value) and
+    ``?`` mark the step redone: ``10+8[10+3=13]?9+8[9+3=12]``, as a long chain of thought catches and
+    corrects its own slips (both need rng). The wrong step itself (``10+8``) is the one segment with
+    ``imitate=False``: SFT trains on the check that exposes it and on the redo, not on making the slip."""
     for name, p in (("verify_prob", verify_prob), ("mistake_prob", mistake_prob)):
         if not 0.0 <= p <= 1.0:
             raise ValueError(f"{name}: must be in [0, 1], got {p}")
     if (verify_prob > 0 or mistake_prob > 0) and rng is None:
         raise ValueError("rng: required when verify_prob or mistake_prob > 0")
-    value, rest, parts = problem.start, list(problem.ops), []
+    value, rest, segs = problem.start, list(problem.ops), []
     while rest:
         op, b = rest.pop(0)
         prev, value = value, (value + b if op == "+" else value - b)
         inv = "-" if op == "+" else "+"
         step = _expr(value, tuple(rest))
+        if segs:
+            segs.append(("=", True))
         if verify_prob > 0 and rng.random() < verify_prob:
-            step += f"[{value}{inv}{b}={prev}]"
+            check = f"[{value}{inv}{b}={prev}]"
             if mistake_prob > 0 and rng.random() < mistake_prob:
                 w = rng.choice([w for w in range(value - 3, value + 4)
                                 if w != value and w >= 0 and (op == "-" or w >= b)])
                 back = w - b if op == "+" else w + b
-                step = f"{_expr(w, tuple(rest))}[{w}{inv}{b}={back}]?" + step
-        parts.append(step)
-    return "=".join(parts) + f";\\boxed{{{value}}}"
+                segs += [(_expr(w, tuple(rest)), False), (f"[{w}{inv}{b}={back}]?", True)]
+            step += check
+        segs.append((step, True))
+    segs.append((f";\\boxed{{{value}}}", True))
+    return segs
+
+
+def solution(problem: Problem, *, rng: random.Random | None = None, verify_prob: float = 0.0,
+             mistake_prob: float = 0.0) -> str:
+    """The step-by-step solution text (response only); see :func:`solution_segments` for the options."""
+    return "".join(t for t, _ in solution_segments(problem, rng=rng, verify_prob=verify_prob,
+                                                   mistake_prob=mistake_prob))
 
 
 def direct_answer(problem: Problem) -> str:

@@ -36,7 +36,7 @@ class TaskConfig:
     max_operand: int = _opt(9, "operands are drawn from [1, max_operand]", min=1)
     verify_prob: float = _opt(0.7, "long-CoT traces: probability of a check after each step", min=0.0)
     mistake_prob: float = _opt(0.0, "long-CoT traces: share of checked steps first written wrong, exposed by the "
-                               "check and redone after '?' (self-correction)", min=0.0)
+                               "check and redone after '?' (self-correction); SFT trains on the check and the redo, not on the slip", min=0.0)
     direct_prob: float = _opt(0.0, "SFT data: share of direct answers (the boxed answer, no working) mixed in", min=0.0)
 
 
@@ -93,6 +93,9 @@ class RLConfig:
     grad_clip: float = _opt(1.0, "max global grad norm (0 = off)", min=0.0)
     temperature: float = _opt(0.5, "sampling temperature of rollouts (below 1 the samples stay near the greedy "
                               "decisions that evaluation scores; see docs/main_job.md)", min=0.0)
+    tempered_logprobs: bool = _opt(True, "log-probs of the PMD loss (policy and reference) under softmax(logits / "
+                                   "rl.temperature), the distribution the rollouts were drawn from, so the samples are "
+                                   "on-policy for what is trained; false = untempered logits")
     max_new_tokens: int = _opt(96, "max response length (tokens); longer ones are truncated", min=1)
     token_budget: int = _opt(0, "partial rollouts: tokens per trajectory per iteration (0 = max_new_tokens)", min=0)
     sampler: str = _opt("curriculum", "prompt sampler", choices=("curriculum", "prioritized", "uniform"))

@@ -27,7 +27,7 @@ from k15sys.train import distributed as dist_utils
 from k15sys.train.config import Config
 from k15sys.train.evaluation import evaluate, score
 from k15sys.train.packing import pack
-from k15sys.train.trainer import Trainer
+from k15sys.train.trainer import Trainer, intra_op_threads
 
 METHODS = ("merge", "srs", "dpo", "rl")
 
@@ -149,11 +149,12 @@ def long2short(method: str, cfg: Config, run_dir: str | Path) -> dict[str, Any]:
     if method not in METHODS:
         raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
     run_dir = Path(run_dir)
-    tr = _load(cfg, run_dir)
-    base = _eval(tr)
-    t0 = time.perf_counter()
-    extra = {"merge": run_merge, "srs": run_srs, "dpo": run_dpo, "rl": run_rl}[method](tr)
-    after = _eval(tr)
+    with intra_op_threads(cfg.run.threads):
+        tr = _load(cfg, run_dir)
+        base = _eval(tr)
+        t0 = time.perf_counter()
+        extra = {"merge": run_merge, "srs": run_srs, "dpo": run_dpo, "rl": run_rl}[method](tr)
+        after = _eval(tr)
     row = {
         "method": method,
         "long/pass@1": base["pass@1"], "long/response_len": base["response_len"],

@@ -40,14 +40,20 @@ class PackedBatch:
         return int((self.seq_index >= 0).sum())
 
 
-def pack(sequences: Sequence[Sequence[int]], prompt_lens: Sequence[int], *, row_tokens: int = 0, pad_id: int = 0) -> PackedBatch:
+def pack(sequences: Sequence[Sequence[int]], prompt_lens: Sequence[int], *, row_tokens: int = 0, pad_id: int = 0,
+         targets: Sequence[Sequence[bool]] | None = None) -> PackedBatch:
     """Pack ``sequences`` (prompt + response ids) whose first ``prompt_lens[i]`` tokens are the prompt.
 
     Every sample needs a prompt of >= 1 token and a response of >= 1 token (the first response token is
     predicted from the last prompt token). A sample longer than ``row_tokens`` gets a row of its own.
+    ``targets[i][t]`` (optional, one flag per token of sample ``i``) False leaves response token ``t`` out
+    of the labels, so a loss does not train on it while later tokens still see it as context.
     """
     if len(sequences) != len(prompt_lens):
         raise ValueError(f"prompt_lens: length {len(prompt_lens)} does not match {len(sequences)} sequences")
+    if targets is not None and (len(targets) != len(sequences)
+                                or any(len(m) != len(s) for m, s in zip(targets, sequences))):
+        raise ValueError("targets: need one flag per token of every sequence")
     if not sequences:
         raise ValueError("sequences: empty batch")
     if row_tokens < 0:
@@ -67,7 +73,9 @@ def pack(sequences: Sequence[Sequence[int]], prompt_lens: Sequence[int], *, row_
             seq, p, n = sequences[i], prompt_lens[i], len(sequences[i])
             ids.extend(int(t) for t in seq)
             pos.extend(range(n))
-            labels.extend(int(seq[t + 1]) if p <= t + 1 < n else IGNORE_INDEX for t in range(n))
+            keep = targets[i] if targets is not None else None
+            labels.extend(int(seq[t + 1]) if p <= t + 1 < n and (keep is None or keep[t + 1]) else IGNORE_INDEX
+                          for t in range(n))
             owner.extend([i] * n)
             cu.append(cu[-1] + n)
         tail = width - sum(len(sequences[j]) for j in r)

@@ -35,7 +35,10 @@ class PackedPolicy(nn.Module):
             raise ValueError(f"lm: expected a transformers *ForCausalLM with .model and .lm_head, got {type(lm).__name__}")
         self.lm = lm
 
-    def forward(self, batch: PackedBatch, *, return_entropy: bool = False) -> PackedLogprobs:  # type: ignore[override]
+    def forward(self, batch: PackedBatch, *, return_entropy: bool = False,  # type: ignore[override]
+                temperature: float = 1.0) -> PackedLogprobs:
+        """Log-probs (and entropies) of the labelled tokens under ``softmax(logits / temperature)``: pass the
+        rollout temperature to score samples under the distribution they were drawn from."""
         batch = batch.to(self.lm.get_input_embeddings().weight.device)
         hidden = self.lm.model(
             input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False
@@ -43,7 +46,8 @@ class PackedPolicy(nn.Module):
         weight = self.lm.lm_head.weight
         if hasattr(weight, "full_tensor"):  # a DTensor left sharded (lm_head tied into the root group)
             weight = weight.full_tensor()
-        out = fused_logprobs(hidden, weight, batch.labels, return_entropy=return_entropy, ignore_index=IGNORE_INDEX)
+        out = fused_logprobs(hidden, weight, batch.labels, return_entropy=return_entropy, ignore_index=IGNORE_INDEX,
+                             temperature=temperature)
         logp, ent = out if return_entropy else (out, None)
         mask = (batch.labels != IGNORE_INDEX).to(logp.dtype)
         owner = batch.seq_index.clamp_min(0)  # padding has mask 0, so it adds nothing to sample 0

@@ -12,7 +12,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from k15sys.tasks import CharTokenizer, Problem, direct_answer, solution
+from k15sys.tasks import CharTokenizer, Problem, direct_answer, solution_segments
 from k15sys.train.config import SFTConfig
 from k15sys.train.packing import pack
 from k15sys.train.policy import PackedPolicy
@@ -21,21 +21,28 @@ from k15sys.train.policy import PackedPolicy
 def sft_examples(
     problems: Sequence[Problem], tokenizer: CharTokenizer, *, rng: random.Random, verify_prob: float, n: int,
     direct_prob: float = 0.0, mistake_prob: float = 0.0,
-) -> tuple[list[list[int]], list[int]]:
-    """``n`` random (prompt + solution) token sequences and their prompt lengths; a ``direct_prob`` share
-    of the responses are the answer with no working (:func:`k15sys.tasks.direct_answer`)."""
-    seqs, plens = [], []
+) -> tuple[list[list[int]], list[int], list[list[bool]]]:
+    """``n`` random (prompt + solution) token sequences, their prompt lengths and per-token target flags
+    (False on the slips of self-correcting traces, which SFT must not imitate; see
+    :func:`k15sys.tasks.solution_segments`); a ``direct_prob`` share of the responses are the answer with
+    no working (:func:`k15sys.tasks.direct_answer`)."""
+    seqs, plens, targets = [], [], []
     for _ in range(n):
         p = problems[rng.randrange(len(problems))]
         prompt = tokenizer.encode(p.prompt, bos=True)
         if rng.random() < direct_prob:
-            text = direct_answer(p)
+            segs = [(direct_answer(p), True)]
         else:
-            text = solution(p, rng=rng, verify_prob=verify_prob, mistake_prob=mistake_prob)
-        resp = tokenizer.encode(text, eos=True)
-        seqs.append(prompt + resp)
+            segs = solution_segments(p, rng=rng, verify_prob=verify_prob, mistake_prob=mistake_prob)
+        seq, keep = list(prompt), [True] * len(prompt)
+        for text, imitate in segs:
+            ids = tokenizer.encode(text)
+            seq += ids
+            keep += [imitate] * len(ids)
+        seqs.append(seq + [tokenizer.eos_token_id])
+        targets.append(keep + [True])
         plens.append(len(prompt))
-    return seqs, plens
+    return seqs, plens, targets
 
 
 def lr_factor(step: int, total: int, warmup: int) -> float:
@@ -68,10 +75,10 @@ def sft_steps(
         lr = cfg.lr * lr_factor(step, cfg.steps, cfg.warmup_steps)
         for group in opt.param_groups:
             group["lr"] = lr
-        seqs, plens = sft_examples(problems, tokenizer, rng=rng, verify_prob=verify_prob if cfg.long_cot else 0.0,
+        seqs, plens, targets = sft_examples(problems, tokenizer, rng=rng, verify_prob=verify_prob if cfg.long_cot else 0.0,
                                    n=cfg.batch_size, direct_prob=direct_prob,
                                    mistake_prob=mistake_prob if cfg.long_cot else 0.0)
-        out = policy(pack(seqs, plens, row_tokens=row_tokens, pad_id=tokenizer.pad_token_id))
+        out = policy(pack(seqs, plens, row_tokens=row_tokens, pad_id=tokenizer.pad_token_id, targets=targets))
         loss = -out.seq_logp.sum() / out.num_tokens.sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()

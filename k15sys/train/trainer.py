@@ -121,8 +121,6 @@ class Trainer:
         self.cfg = cfg
         self.stop_after = stop_after or (lambda it, where: None)
         self.rank, self.world = dist_utils.rank_and_world()
-        if cfg.run.threads:
-            torch.set_num_threads(cfg.run.threads)
         self.out = Path(cfg.run.output_dir)
         self.tokenizer = CharTokenizer()
         t = cfg.task
@@ -207,6 +205,11 @@ class Trainer:
     def sft(self) -> None:
         """Long-CoT warm-up (paper 2.3.1) on the training problems; then the engine gets the weights."""
         c = self.cfg
+        with intra_op_threads(c.run.threads):
+            self._sft()
+
+    def _sft(self) -> None:
+        c = self.cfg
         steps = sft_steps(self.policy, self.splits.train, self.tokenizer, c.sft, verify_prob=c.task.verify_prob,
                           direct_prob=c.task.direct_prob, mistake_prob=c.task.mistake_prob, seed=c.run.seed,
                           row_tokens=c.run.pack_row_tokens)
@@ -215,7 +218,12 @@ class Trainer:
         self.sync_weights()
 
     def rl_iteration(self) -> dict[str, float]:
-        """One k1.5 RL iteration; returns its metrics row."""
+        """One k1.5 RL iteration; returns its metrics row. Training runs on ``run.threads`` torch threads and
+        generation on ``run.rollout_threads``; the caller's thread count is restored afterwards."""
+        with intra_op_threads(self.cfg.run.threads):
+            return self._rl_iteration()
+
+    def _rl_iteration(self) -> dict[str, float]:
         cfg, it, times = self.cfg.rl, self.iteration, {}
         # 1. partial rollouts (new groups + continued trajectories); the seed makes the run reproducible
         t0 = time.perf_counter()
@@ -297,7 +305,8 @@ class Trainer:
         return correct, rewards, {"truncated": float(truncated.sum()), "repeat": float(repeated.sum())}
 
     def train_on(self, trajs: list, rewards: torch.Tensor) -> dict[str, float]:
-        """Reference log-probs once (no grad), then ``epochs`` passes of minibatch PMD steps.
+        """Reference log-probs once (no grad), then ``epochs`` passes of minibatch PMD steps. Log-probs are taken
+        at ``rl.temperature`` (``rl.tempered_logprobs``), the distribution the rollouts were drawn from.
 
         Under FSDP every rank must run the same number of forward/backward passes; a rank with fewer
         complete groups this iteration (partial rollouts) joins the extra steps with a zero-weight pass.
@@ -312,12 +321,15 @@ class Trainer:
         if steps == 0:
             return {}
 
+        temp = cfg.temperature if cfg.tempered_logprobs and cfg.temperature > 0 else 1.0
+
         def forward(idx: list[int], *, entropy: bool = False) -> Any:
             if not idx:  # a zero-weight pass that only keeps this rank in step with the others
-                return self.policy(pack([[self.tokenizer.bos_token_id, self.tokenizer.eos_token_id]], [1]), return_entropy=entropy)
-            batch = pack([seqs[i] for i in idx], [plens[i] for i in idx], row_tokens=self.cfg.run.pack_row_tokens,
-                         pad_id=self.tokenizer.pad_token_id)
-            return self.policy(batch, return_entropy=entropy)
+                batch = pack([[self.tokenizer.bos_token_id, self.tokenizer.eos_token_id]], [1])
+            else:
+                batch = pack([seqs[i] for i in idx], [plens[i] for i in idx], row_tokens=self.cfg.run.pack_row_tokens,
+                             pad_id=self.tokenizer.pad_token_id)
+            return self.policy(batch, return_entropy=entropy, temperature=temp)
 
         with torch.no_grad():
             refs = [self._seq_logp(forward(chunks[c] if c < len(chunks) else [])) for c in range(steps)]
