@@ -309,7 +309,7 @@ def test_generation_and_training_use_their_own_thread_counts(tmp_path):
 
     cfg = load_config(None, ["rl.prompts_per_iteration=4", "rl.group_size=4", "rl.minibatch_size=8",
                              "rl.max_new_tokens=8", "task.num_train=48", "task.num_eval=8", "run.threads=2",
-                             "run.rollout_threads=1", "run.progress=false", "run.tensorboard=false",
+                             "run.rollout_threads=1", "run.progress=false", "run.tensorboard=false", "sft.steps=2",
                              "rl.skip_zero_advantage=false", "model.hidden_size=32",
                              "model.intermediate_size=64", "model.num_layers=2", f"run.output_dir={tmp_path}"])
     before = torch.get_num_threads()
@@ -329,6 +329,8 @@ def test_generation_and_training_use_their_own_thread_counts(tmp_path):
             return forward(*args, **kwargs)
 
         trainer.engine.generate, trainer.policy.forward = counting_generate, counting_forward
+        trainer.sft()
+        assert torch.get_num_threads() == 3
         trainer._evaluate()
         for _ in range(2):
             trainer.rl_iteration()

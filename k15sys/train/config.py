@@ -36,7 +36,8 @@ class TaskConfig:
     max_operand: int = _opt(9, "operands are drawn from [1, max_operand]", min=1)
     verify_prob: float = _opt(0.7, "long-CoT traces: probability of a check after each step", min=0.0)
     mistake_prob: float = _opt(0.0, "long-CoT traces: share of checked steps first written wrong, exposed by the "
-                               "check and redone after '?' (self-correction); SFT trains on the check and the redo, not on the slip", min=0.0)
+                               "check and redone after '?' (self-correction); SFT trains on the check and the "
+                               "redo, not on the slip", min=0.0)
     direct_prob: float = _opt(0.0, "SFT data: share of direct answers (the boxed answer, no working) mixed in", min=0.0)
 
 
