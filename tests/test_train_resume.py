@@ -13,7 +13,7 @@ from k15sys.train.metrics import read_metrics
 TINY = [
     "sft.steps=8", "sft.batch_size=8", "rl.iterations=6", "rl.prompts_per_iteration=4", "rl.group_size=4",
     "rl.minibatch_size=8", "rl.max_new_tokens=40", "rl.token_budget=16", "rl.max_minutes=0", "rl.warmup_iterations=2",
-    "rl.sampler=prioritized", "rl.skip_zero_advantage=false", "task.num_train=64", "task.num_eval=12", "eval.every=3",
+    "rl.sampler=prioritized", "rl.truncated_reward=-0.5", "task.num_train=64", "task.num_eval=12", "eval.every=3",
     "run.checkpoint_every=2", "run.threads=1", "run.progress=false", "run.tensorboard=false",
     "model.hidden_size=32", "model.intermediate_size=64", "model.num_layers=2",
 ]
@@ -59,3 +59,7 @@ def test_kill9_mid_iteration_then_resume_equals_uninterrupted(tmp_path):
     assert sa["scheduler"] == sb["scheduler"]  # replay buffer + sampler state
     # partial rollouts really carried unfinished trajectories across iterations
     assert any(r["rl/replay_buffer"] > 0 for r in rows_a if "rl/replay_buffer" in r)
+    # rl.skip_zero_advantage (default) really skipped groups and trained others: the tiny model scores 0, and
+    # rl.truncated_reward=-0.5 makes the groups with both finished and truncated samples informative
+    rl_rows = [r for r in rows_a if "rl/groups" in r]
+    assert any(0 < r["rl/trained_groups"] < r["rl/groups"] for r in rl_rows)
