@@ -62,11 +62,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from k15sys.train.evaluation import evaluate
     from k15sys.train.long2short_job import _load
-    from k15sys.train.trainer import intra_op_threads
+    from k15sys.train.trainer import generation_threads, intra_op_threads
 
     cfg = _load_cfg_for_run(args)
     tr = _load(cfg, Path(args.run_dir))
-    with intra_op_threads(cfg.run.rollout_threads or cfg.run.threads):
+    with intra_op_threads(generation_threads(cfg)):
         row = evaluate(tr.engine, tr.tokenizer, tr.splits.eval, max_new_tokens=cfg.rl.max_new_tokens,
                        num_samples=args.samples, temperature=cfg.eval.temperature, batch_size=cfg.eval.batch_size,
                        seed=cfg.run.seed)

@@ -216,6 +216,34 @@ def test_zero_advantage_groups_are_skipped_and_carry_no_gradient():
     torch.testing.assert_close(logp.grad[idx] * 8 / 16, full[idx])
 
 
+def test_rollout_threads_zero_means_run_threads_also_outside_an_iteration(tmp_path):
+    """run.rollout_threads=0 generates on run.threads: the SFT evaluation row runs outside rl_iteration, on a
+    caller's thread count that differs from run.threads."""
+    from k15sys.train.trainer import Trainer
+
+    cfg = load_config(None, ["task.num_train=48", "task.num_eval=8", "rl.max_new_tokens=8", "run.threads=2",
+                             "run.rollout_threads=0", "run.progress=false", "run.tensorboard=false",
+                             "model.hidden_size=32", "model.intermediate_size=64", "model.num_layers=2",
+                             f"run.output_dir={tmp_path}"])
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        trainer = Trainer(cfg)
+        seen: set[int] = set()
+        generate = trainer.engine.generate
+
+        def counting_generate(*args, **kwargs):
+            seen.add(torch.get_num_threads())
+            return generate(*args, **kwargs)
+
+        trainer.engine.generate = counting_generate
+        trainer._evaluate()
+        assert seen == {2} and torch.get_num_threads() == 3
+        trainer.close()
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("tempered", [True, False])
 def test_pmd_log_probs_are_taken_at_the_rollout_temperature(tmp_path, tempered):
     """rl.tempered_logprobs: the trainer scores rollouts under softmax(logits / rl.temperature), which equals the

@@ -80,6 +80,12 @@ def intra_op_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+def generation_threads(cfg: Config) -> int:
+    """Torch intra-op threads while generating (rollouts, evaluation, rollout workers): ``run.rollout_threads``,
+    or ``run.threads`` when that is 0."""
+    return cfg.run.rollout_threads or cfg.run.threads
+
+
 def _progress(iterable: Any, enabled: bool, **kw: Any) -> Any:
     if not enabled:
         return iterable
@@ -97,7 +103,7 @@ def _build_lm(cfg: Config, tok: CharTokenizer) -> torch.nn.Module:
 def build_rollout_engine(cfg: Config) -> TorchEngine:
     """A rollout worker's engine (run in the worker process): the policy's architecture on ``run.device``;
     its weights arrive with the first weight sync."""
-    threads = cfg.run.rollout_threads or cfg.run.threads  # the worker only generates
+    threads = generation_threads(cfg)  # the worker only generates
     if threads:
         torch.set_num_threads(threads)
     tok = CharTokenizer()
@@ -204,8 +210,7 @@ class Trainer:
 
     def sft(self) -> None:
         """Long-CoT warm-up (paper 2.3.1) on the training problems; then the engine gets the weights."""
-        c = self.cfg
-        with intra_op_threads(c.run.threads):
+        with intra_op_threads(self.cfg.run.threads):
             self._sft()
 
     def _sft(self) -> None:
@@ -230,7 +235,7 @@ class Trainer:
         self.scheduler.params = SamplingParams(cfg.max_new_tokens, temperature=cfg.temperature,
                                                stop_token_ids=(self.tokenizer.eos_token_id,),
                                                seed=self.cfg.run.seed * 1_000_003 + it * 7919 + self.rank)
-        with intra_op_threads(self.cfg.run.rollout_threads):
+        with intra_op_threads(generation_threads(self.cfg)):
             groups = self.scheduler.run_iteration(policy_version=it)
         if self.cfg.run.colocate:  # free the engine's accelerator memory while the trainer works
             self.engine.sleep()
@@ -387,7 +392,7 @@ class Trainer:
         t0 = time.perf_counter()
         row = {}
         if self.rank == 0:
-            with intra_op_threads(self.cfg.run.rollout_threads):
+            with intra_op_threads(generation_threads(self.cfg)):
                 row = evaluate(self.engine, self.tokenizer, self.splits.eval, max_new_tokens=self.cfg.rl.max_new_tokens,
                                num_samples=e.num_samples, temperature=e.temperature, batch_size=e.batch_size,
                                seed=self.cfg.run.seed)
