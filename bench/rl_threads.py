@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import statistics
 import tempfile
 import time
@@ -45,6 +46,10 @@ def main() -> None:
     ap.add_argument("--sft-steps", type=int, default=None, help="SFT steps before RL (default 525; quick 5)")
     ap.add_argument("--out", type=Path, default=None, help="also write the JSON result here")
     args = ap.parse_args()
+    if args.iterations is not None and args.iterations < 1:
+        ap.error(f"--iterations: must be >= 1, got {args.iterations}")
+    if args.sft_steps is not None and args.sft_steps < 0:
+        ap.error(f"--sft-steps: must be >= 0, got {args.sft_steps}")
     iters = args.iterations or (4 if args.quick else 40)
     sft_steps = args.sft_steps if args.sft_steps is not None else (5 if args.quick else 525)
     tmp = tempfile.mkdtemp(prefix="k15_rl_threads_")
@@ -72,7 +77,7 @@ def main() -> None:
     for run in runs:
         run["speedup_vs_1_1"] = round(base / run["median_iteration_s"], 3)
     result = {
-        "bench": "rl_threads", "quick": args.quick, "cpu_count": os.cpu_count(),
+        "bench": "rl_threads", "quick": args.quick, "machine": platform.machine(), "cpu_count": os.cpu_count(),
         "sft_steps": sft_steps, "runs": runs,
         "split_vs_both_2": round(runs[1]["median_iteration_s"] / runs[2]["median_iteration_s"], 3),
     }
