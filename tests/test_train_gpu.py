@@ -46,3 +46,20 @@ def test_torchrun_two_gpus_nccl(tmp_path):
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert [r["iteration"] for r in _rows(run)] == [0, 1, 2]
+
+
+def test_rollout_worker_processes_on_cuda(tmp_path):
+    """`run.rollout_workers` on CUDA: each worker's engine decodes on a GPU with weights sent through the
+    checkpoint engine. One worker samples with the run's seed, so its run equals the in-process one
+    (rewards, accuracies, evaluations); two workers (GPU w modulo the GPU count) run to the end."""
+    runs = {}
+    for workers in (0, 1, 2):
+        cfg = load_config(None, [*TINY, "rl.iterations=2", f"run.rollout_workers={workers}",
+                                 f"run.output_dir={tmp_path / f'run{workers}'}"])
+        Trainer(cfg).run()
+        runs[workers] = _rows(tmp_path / f"run{workers}")
+    assert [r["iteration"] for r in runs[2]] == [0, 1, 2]
+    assert all(torch.isfinite(torch.tensor(r["rl/loss"])) for r in runs[2][1:])
+    keys = ("rl/reward", "rl/accuracy", "rl/response_len", "eval/pass@1")
+    for a, b in zip(runs[0], runs[1]):
+        assert {k: a.get(k) for k in keys} == {k: b.get(k) for k in keys}
