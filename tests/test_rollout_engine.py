@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import threading
+import warnings
 
 import pytest
 import torch
@@ -33,6 +34,15 @@ def _greedy(n: int, **kw) -> SamplingParams:
 
 def test_is_a_rollout_engine(engine):
     assert isinstance(engine, RolloutEngine)
+
+
+def test_decoding_uses_the_installed_transformers_cache_argument(engine):
+    """Recent transformers renamed the KV-cache argument (``past_key_values`` -> ``cache``) and warn on
+    the old name, which goes away in a later release: the engine passes the name the model takes."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        out = engine.generate([[1, 2, 3], [4, 5]], _greedy(6))
+    assert [len(c.token_ids) for c in out] == [6, 6]
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "gpt2"])

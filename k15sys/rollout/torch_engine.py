@@ -8,6 +8,7 @@ leaves the batch and the KV cache. Several threads may call :meth:`TorchEngine.g
 """
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterable
 
 import torch
@@ -38,7 +39,7 @@ class TorchEngine:
 
     Args:
         model: e.g. ``Qwen2ForCausalLM`` (any model whose forward takes input_ids, attention_mask,
-            position_ids, past_key_values, use_cache).
+            position_ids, use_cache and a KV cache: ``cache`` in recent transformers, ``past_key_values`` in older ones).
         device: where generation runs.
         pad_token_id: used for left padding (any id; padded positions are masked).
         repeat_detector: factory of a detector per sequence (None disables repeat stops).
@@ -59,6 +60,8 @@ class TorchEngine:
         self.weight_version = 0
         self._asleep = False
         self._vocab = model.get_output_embeddings().weight.shape[0]
+        # the KV-cache argument and output field: `cache` in recent transformers (`past_key_values` deprecated)
+        self._cache_name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
     # ------------------------------------------------------------------ generation
     def _check_prompts(self, prompts: list[list[int]]) -> None:
@@ -94,7 +97,7 @@ class TorchEngine:
             mask[i, L - len(p):] = 1
         pos = (mask.cumsum(-1) - 1).clamp_min(0)
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
-        past, logits = out.past_key_values, out.logits[:, -1]
+        past, logits = getattr(out, self._cache_name), out.logits[:, -1]
         prunable = hasattr(past, "batch_select_indices")
         tokens: list[list[int]] = [[] for _ in range(B)]
         logps: list[list[float]] = [[] for _ in range(B)]
@@ -133,8 +136,8 @@ class TorchEngine:
             mask = torch.cat([mask, torch.ones((len(rows), 1), dtype=mask.dtype, device=self.device)], dim=1)
             next_pos = next_pos + 1
             out = self.model(input_ids=nxt[:, None], attention_mask=mask, position_ids=next_pos[:, None],
-                             past_key_values=past, use_cache=True)
-            past, logits = out.past_key_values, out.logits[:, -1]
+                             use_cache=True, **{self._cache_name: past})
+            past, logits = getattr(out, self._cache_name), out.logits[:, -1]
         return [Completion(tokens[i], logps[i], reasons[i] or "length") for i in range(B)]
 
     # ------------------------------------------------------------------ weights and memory
