@@ -1,6 +1,6 @@
 """The ``k15`` command line (paper 2.3-2.6 as a runnable job).
 
-    k15 train [--config configs/default.yaml] [--output-dir DIR] [--resume] [--set section.key=value ...]
+    k15 train [--config configs/default.yaml] [--output-dir DIR] [--resume | --overwrite] [--set section.key=value ...]
     k15 eval DIR [--samples 8]
     k15 long2short merge|srs|dpo|rl DIR
     k15 plot DIR [--out curve.png]
@@ -11,6 +11,7 @@ there). Configuration errors are reported before any work starts, naming the key
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -39,8 +40,17 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     cfg = _load(args)
     from k15sys.train import distributed
-    from k15sys.train.trainer import Trainer
+    from k15sys.train.trainer import Trainer, check_no_previous_run, remove_run
 
+    if args.resume and args.overwrite:
+        raise ConfigError("--resume and --overwrite: choose one")
+    if args.overwrite and int(os.environ.get("RANK", "0")) == 0:  # before the ranks meet in init_from_env
+        remove_run(cfg.run.output_dir)
+    elif not args.resume:
+        try:
+            check_no_previous_run(cfg.run.output_dir)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     distributed.init_from_env(cfg.run.device)
     world = distributed.rank_and_world()[1]
     trainer, finished = None, False
@@ -123,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p)
     p.add_argument("--output-dir", default=None, help="run directory (overrides run.output_dir)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the run directory")
+    p.add_argument("--overwrite", action="store_true",
+                   help="delete a previous run in the run directory (metrics.jsonl, checkpoints/, tensorboard/) first")
     p.add_argument("--help-config", action="store_true", help="print every config option and exit")
     p.set_defaults(func=cmd_train)
 

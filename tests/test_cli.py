@@ -63,3 +63,35 @@ def test_eval_and_plot(tiny_run, tmp_path):
     png = tmp_path / "c.png"
     assert main(["plot", str(tiny_run), "--out", str(png)]) == 0
     assert png.stat().st_size > 1000
+
+
+def test_train_into_a_previous_run_needs_resume_or_overwrite(tmp_path, capsys):
+    """A repeated command must not mix two runs' metrics or replace their checkpoints by accident."""
+    run = tmp_path / "run"
+    short = [f"--set={o}" for o in TINY] + ["--set=rl.iterations=1", "--set=run.tensorboard=false"]
+    assert main(["train", "--output-dir", str(run), *short]) == 0
+    before = (run / "metrics.jsonl").read_bytes()
+    assert main(["train", "--output-dir", str(run), *short]) == 2
+    err = capsys.readouterr().err
+    assert "run.output_dir" in err and "--resume" in err and "--overwrite" in err
+    assert (run / "metrics.jsonl").read_bytes() == before
+    assert main(["train", "--output-dir", str(run), "--resume", "--overwrite", *short]) == 2
+    assert main(["train", "--output-dir", str(run), "--overwrite", "--set=sft.steps=3", *short[1:]]) == 0
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows] == [0, 1]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["iter_000000", "iter_000001", "latest"]
+
+
+def test_trainer_refuses_a_previous_run_and_resume_without_checkpoint_starts_over(tmp_path):
+    from k15sys.train.config import load_config
+    from k15sys.train.trainer import Trainer
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"iteration": 0, "stage": "sft", "eval/pass@1": 0.5}\n')  # stopped during SFT
+    cfg = load_config(None, [*TINY, "rl.iterations=1", "run.tensorboard=false", f"run.output_dir={run}"])
+    with pytest.raises(ValueError, match="run.output_dir"):
+        Trainer(cfg).run()
+    Trainer(cfg).run(resume=True)  # no checkpoint yet: starts over, dropping the stopped attempt's row
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows] == [0, 1] and "time/eval_s" in rows[0]  # the real SFT row, not the stale one

@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import functools
 import math
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -114,6 +115,29 @@ def build_rollout_engine(cfg: Config) -> TorchEngine:
     return TorchEngine(lm, pad_token_id=tok.pad_token_id, device=device)
 
 
+RUN_FILES = ("metrics.jsonl", "checkpoints", "tensorboard")
+
+
+def check_no_previous_run(output_dir: str | Path) -> None:
+    """Raise ValueError if a run left its metrics.jsonl or checkpoints/ in ``output_dir``."""
+    out = Path(output_dir)
+    found = [name for name in RUN_FILES[:2] if (out / name).exists()]
+    if found:
+        raise ValueError(f"run.output_dir: {out} already holds a run ({', '.join(found)}); continue it with --resume "
+                         "(Trainer.run(resume=True)), delete it with --overwrite, or choose another output directory")
+
+
+def remove_run(output_dir: str | Path) -> None:
+    """Delete a previous run's metrics.jsonl, checkpoints/ and tensorboard/ (``k15 train --overwrite``)."""
+    out = Path(output_dir)
+    for name in RUN_FILES:
+        path = out / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
 class Trainer:
     """Builds every component from a :class:`Config` and runs ``sft -> eval -> RL iterations``.
 
@@ -173,8 +197,16 @@ class Trainer:
 
     # ------------------------------------------------------------------ the job
     def run(self, *, resume: bool = False) -> None:
-        """SFT warm-up + its evaluation row, then RL iterations until ``rl.iterations`` or ``rl.max_minutes``."""
+        """SFT warm-up + its evaluation row, then RL iterations until ``rl.iterations`` or ``rl.max_minutes``.
+
+        A fresh start (``resume`` False) refuses a directory that already holds a run, so a repeated command
+        cannot mix two runs' metrics or replace their checkpoints; ``resume`` with no checkpoint yet (a run
+        stopped during SFT) starts over, dropping the stopped attempt's rows.
+        """
+        if not resume:
+            check_no_previous_run(self.out)
         if not (resume and self._resume()):
+            self.metrics.truncate(-1)
             self.stage = "sft"
             self.sft()
             self.stage = "rl"
