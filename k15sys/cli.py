@@ -120,7 +120,10 @@ def _load_cfg_for_run(args: argparse.Namespace):
 def cmd_plot(args: argparse.Namespace) -> int:
     from k15sys.train.plot import plot_run
 
-    out = plot_run(args.run_dir, args.out, keys=args.keys)
+    try:
+        out = plot_run(args.run_dir, args.out, keys=args.keys)
+    except ValueError as e:  # no metrics.jsonl, unknown --keys: the user's input, not a bug
+        raise ConfigError(str(e)) from None
     print(out)
     return 0
 

@@ -63,6 +63,8 @@ def test_eval_and_plot(tiny_run, tmp_path):
     png = tmp_path / "c.png"
     assert main(["plot", str(tiny_run), "--out", str(png)]) == 0
     assert png.stat().st_size > 1000
+    assert main(["plot", str(tmp_path / "no_run")]) == 2  # a message, not a traceback
+    assert main(["plot", str(tiny_run), "--keys", "no/such_metric"]) == 2
 
 
 def test_train_into_a_previous_run_needs_resume_or_overwrite(tmp_path, capsys):
