@@ -4,6 +4,7 @@
     k15 eval DIR [--samples 8]
     k15 long2short merge|srs|dpo|rl DIR
     k15 plot DIR [--out curve.png]
+    k15 export DIR --out MODEL_DIR
 
 ``k15 train`` with no arguments runs ``configs/default.yaml`` (the embedded default if the file is not
 there). Configuration errors are reported before any work starts, naming the key.
@@ -117,6 +118,20 @@ def _load_cfg_for_run(args: argparse.Namespace):
     return _load(args)
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from k15sys.train.checkpoint import latest_checkpoint, load_checkpoint
+    from k15sys.train.config import config_from_dict
+    from k15sys.train.model import export_model
+
+    ck = latest_checkpoint(Path(args.run_dir) / "checkpoints")
+    if ck is None:
+        raise ConfigError(f"run_dir: no checkpoint under {args.run_dir}/checkpoints")
+    state = load_checkpoint(ck)
+    out = export_model(config_from_dict(state["config"]).model, state["model"], args.out)
+    print(out)
+    return 0
+
+
 def cmd_plot(args: argparse.Namespace) -> int:
     from k15sys.train.plot import plot_run
 
@@ -152,6 +167,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     _config_args(p)
     p.set_defaults(func=cmd_long2short)
+
+    p = sub.add_parser("export", help="write a run's latest policy as a transformers model directory")
+    p.add_argument("run_dir")
+    p.add_argument("--out", required=True, help="directory for config.json, model.safetensors, k15_tokens.json")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("plot", help="render PNG curves from a run's metrics.jsonl")
     p.add_argument("run_dir")

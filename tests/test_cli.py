@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from k15sys.cli import main
 
@@ -65,6 +66,21 @@ def test_eval_and_plot(tiny_run, tmp_path):
     assert png.stat().st_size > 1000
     assert main(["plot", str(tmp_path / "no_run")]) == 2  # a message, not a traceback
     assert main(["plot", str(tiny_run), "--keys", "no/such_metric"]) == 2
+
+
+def test_export_writes_a_transformers_model_of_the_latest_checkpoint(tiny_run, tmp_path):
+    from transformers import Qwen2ForCausalLM
+
+    from k15sys.tasks import CharTokenizer
+    from k15sys.train.checkpoint import latest_checkpoint, load_checkpoint
+
+    assert main(["export", str(tiny_run), "--out", str(tmp_path / "model")]) == 0
+    model = Qwen2ForCausalLM.from_pretrained(tmp_path / "model")
+    saved = load_checkpoint(latest_checkpoint(tiny_run / "checkpoints"))["model"]
+    own = dict([*model.named_parameters(), *model.named_buffers()])
+    assert saved.keys() == own.keys() and all(torch.equal(own[k], saved[k]) for k in saved)
+    assert json.loads((tmp_path / "model" / "k15_tokens.json").read_text()) == CharTokenizer().tokens
+    assert main(["export", str(tmp_path / "no_run"), "--out", str(tmp_path / "m2")]) == 2
 
 
 def test_train_into_a_previous_run_needs_resume_or_overwrite(tmp_path, capsys):

@@ -4,9 +4,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
+from transformers import Qwen2ForCausalLM
 
 from k15sys.algo.long2short import build_dpo_pairs, dpo_loss, merge_state_dicts, shortest_rejection_sample
 
@@ -74,5 +76,8 @@ def test_long2short_cli_methods(tmp_path):
         assert out.returncode == 0, out.stderr[-2000:]
         row = json.loads(out.stdout.strip().splitlines()[-1])
         assert row["method"] == method and 0.0 <= row["pass@1"] <= 1.0 and row["response_len"] > 0
+        # the shorter model is kept, as a transformers model directory
+        assert Path(row["model_dir"]) == run / "long2short" / method
+        Qwen2ForCausalLM.from_pretrained(row["model_dir"])
     rows = [json.loads(line) for line in (run / "long2short.jsonl").read_text().splitlines()]
     assert {"merge", "rl"} <= {r["method"] for r in rows}

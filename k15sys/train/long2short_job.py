@@ -3,7 +3,8 @@
 Each method starts from the run's latest checkpoint (the long-CoT RL model), produces a shorter-CoT
 model and evaluates it on the held-out split next to the starting model. One JSON row per method is
 appended to ``RUN/long2short.jsonl``: pass@1 and mean response tokens before and after, and the token
-reduction. The methods:
+reduction; the shorter model is written to ``RUN/long2short/<method>/`` as a transformers model directory
+(:func:`k15sys.train.model.export_model`). The methods:
 
 - ``merge``: SFT a short-CoT model (same init, short traces), average its weights with the long one.
 - ``srs``: sample ``num_samples`` responses per training problem, keep the shortest correct one, SFT.
@@ -26,6 +27,7 @@ from k15sys.rollout import SamplingParams
 from k15sys.train import distributed as dist_utils
 from k15sys.train.config import Config
 from k15sys.train.evaluation import evaluate, score
+from k15sys.train.model import export_model
 from k15sys.train.packing import pack
 from k15sys.train.trainer import Trainer, intra_op_threads
 
@@ -154,14 +156,17 @@ def long2short(method: str, cfg: Config, run_dir: str | Path) -> dict[str, Any]:
         base = _eval(tr)
         t0 = time.perf_counter()
         extra = {"merge": run_merge, "srs": run_srs, "dpo": run_dpo, "rl": run_rl}[method](tr)
+        seconds = time.perf_counter() - t0
         after = _eval(tr)
+        model_dir = export_model(tr.cfg.model, dist_utils.full_state_dict(tr.policy.lm), run_dir / "long2short" / method)
     row = {
         "method": method,
         "long/pass@1": base["pass@1"], "long/response_len": base["response_len"],
         "pass@1": after["pass@1"], "response_len": after["response_len"],
         "token_reduction": 1.0 - after["response_len"] / max(base["response_len"], 1e-9),
         "accuracy_change": after["pass@1"] - base["pass@1"],
-        "seconds": time.perf_counter() - t0,
+        "seconds": seconds,
+        "model_dir": str(model_dir),
         **extra,
     }
     with (run_dir / "long2short.jsonl").open("a") as f:
