@@ -27,6 +27,9 @@ def test_bad_config_fails_before_work_naming_the_key(tmp_path, capsys):
     bad.write_text("model:\n  num_layers: 0\n")
     assert main(["train", "--config", str(bad), "--output-dir", str(out)]) == 2
     assert "model.num_layers" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(["train", "--output-dir", str(out), "--set", "run.device=cuda"]) == 2
+        assert "run.device" in capsys.readouterr().err
     assert not out.exists()
 
 

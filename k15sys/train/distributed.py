@@ -17,6 +17,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from k15sys.train.config import ConfigError
+
 
 def init_from_env(device: str = "auto") -> None:
     """Initialise the default process group when launched by torchrun (``WORLD_SIZE`` > 1): NCCL with one
@@ -62,10 +64,10 @@ def resolve_device(device: str) -> torch.device:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError("run.device: 'cuda' requested but torch sees no CUDA device")
+            raise ConfigError("run.device: 'cuda' requested but torch sees no CUDA device")
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     if device != "cpu":
-        raise ValueError(f"run.device: expected auto, cpu or cuda, got {device!r}")
+        raise ConfigError(f"run.device: expected auto, cpu or cuda, got {device!r}")
     return torch.device("cpu")
 
 
