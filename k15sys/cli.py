@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -54,18 +55,35 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise ConfigError(str(e)) from None
     distributed.init_from_env(cfg.run.device)
     world = distributed.rank_and_world()[1]
-    trainer, finished = None, False
+    trainer, finished, stopped_by = None, False, []
+
+    def on_signal(signum: int, frame: object) -> None:
+        # first SIGINT/SIGTERM: finish the iteration, checkpoint, stop; a second one aborts at once
+        if trainer is None or trainer.stop_requested:
+            raise KeyboardInterrupt
+        trainer.request_stop()
+        stopped_by.append(signum)
+        print(f"k15: {signal.Signals(signum).name}: stopping after this iteration with a checkpoint "
+              "(send it again to abort)", file=sys.stderr)
+
+    handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         trainer = Trainer(cfg)
         trainer.run(resume=args.resume)
         finished = True
     finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
         if trainer is not None:
             trainer.close()
         distributed.shutdown(barrier=finished)
+    code = 128 + stopped_by[0] if stopped_by else 0
+    if stopped_by:
+        print(f"k15: stopped at iteration {trainer.iteration}, checkpoint saved; continue with "
+              f"k15 train --output-dir {cfg.run.output_dir} --resume", file=sys.stderr)
     if world > 1:
-        distributed.exit_rank(0)
-    return 0
+        distributed.exit_rank(code)
+    return code
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

@@ -63,3 +63,31 @@ def test_kill9_mid_iteration_then_resume_equals_uninterrupted(tmp_path):
     # rl.truncated_reward=-0.5 makes the groups with both finished and truncated samples informative
     rl_rows = [r for r in rows_a if "rl/groups" in r]
     assert any(0 < r["rl/trained_groups"] < r["rl/groups"] for r in rl_rows)
+
+
+def test_first_sigint_checkpoints_the_iteration_and_stops_then_resume_continues(tmp_path):
+    """Ctrl-C (or a scheduler's SIGTERM) during RL: the run finishes the iteration, saves it and exits; nothing
+    done before the signal is lost and --resume continues from there."""
+    import signal
+    import time
+
+    run = tmp_path / "run"
+    opts = [f"--set={o}" for o in TINY] + ["--set=rl.iterations=400", "--set=eval.every=1000",
+                                          "--set=run.checkpoint_every=1000", "--output-dir", str(run)]
+    proc = subprocess.Popen([sys.executable, "-m", "k15sys.cli", "train", *opts], stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and not (
+            (run / "metrics.jsonl").exists() and len(read_metrics(run / "metrics.jsonl")) >= 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGINT, err[-2000:]
+    assert "--resume" in err
+    rows = read_metrics(run / "metrics.jsonl")
+    stopped = rows[-1]["iteration"]
+    assert 2 <= stopped < 400 and [r["iteration"] for r in rows] == list(range(stopped + 1))
+    assert load_checkpoint(latest_checkpoint(run / "checkpoints"))["iteration"] == stopped  # not the every-1000 one
+    resumed = subprocess.run([sys.executable, "-m", "k15sys.cli", "train", *opts[:-2], f"--set=rl.iterations={stopped + 2}",
+                              "--output-dir", str(run), "--resume"], capture_output=True, text=True, timeout=240)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert [r["iteration"] for r in read_metrics(run / "metrics.jsonl")] == list(range(stopped + 3))

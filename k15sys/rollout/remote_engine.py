@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import signal
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -34,6 +35,7 @@ from k15sys.weights import CheckpointEngine, free_port
 def _serve(rank: int, world: int, port: int, make_engine: Callable[[], Any], timeout_s: float,
            bucket_bytes: int, cuda_device: int | None) -> None:
     """A worker's loop: build the engine (on its GPU when given), then answer rank 0's commands until ``close``."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the trainer decides
     if cuda_device is not None:
         torch.cuda.set_device(cuda_device)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,

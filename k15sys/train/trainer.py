@@ -194,6 +194,7 @@ class Trainer:
         self.stage = "init"
         self.rl_seconds = 0.0
         self._closed = False
+        self._stop_requested = False
 
     # ------------------------------------------------------------------ the job
     def run(self, *, resume: bool = False) -> None:
@@ -215,8 +216,9 @@ class Trainer:
         cfg = self.cfg.rl
         bar = _progress(range(self.iteration, cfg.iterations), self.cfg.run.progress and self.rank == 0,
                         desc="rl", initial=self.iteration, total=cfg.iterations)
+        stop = self._stop_agreed()  # asked during SFT
         for _ in bar:
-            if cfg.max_minutes and self.rl_seconds >= 60.0 * cfg.max_minutes:
+            if stop or (cfg.max_minutes and self.rl_seconds >= 60.0 * cfg.max_minutes):
                 break
             start = time.perf_counter()
             row = self.rl_iteration()
@@ -226,9 +228,24 @@ class Trainer:
             if self.iteration % self.cfg.eval.every == 0 or last:
                 row.update(self._evaluate())
             self.metrics.log(row)
-            if self.iteration % self.cfg.run.checkpoint_every == 0 or last:
+            stop = self._stop_agreed()
+            if self.iteration % self.cfg.run.checkpoint_every == 0 or last or stop:
                 self.save()
         self.close()
+
+    @property
+    def stop_requested(self) -> bool:
+        """Whether :meth:`request_stop` was called in this process."""
+        return self._stop_requested
+
+    def request_stop(self) -> None:
+        """Ask the run to stop at the next iteration boundary, after checkpointing it (what ``k15 train`` does
+        on the first SIGINT/SIGTERM, e.g. Ctrl-C or a scheduler's preemption); ``--resume`` continues it."""
+        self._stop_requested = True
+
+    def _stop_agreed(self) -> bool:
+        """Whether any rank was asked to stop (ranks must leave the loop at the same iteration)."""
+        return bool(dist_utils.max_int(int(self._stop_requested)))
 
     def close(self) -> None:
         """Flush the metrics, stop the scheduler and any rollout worker processes (idempotent)."""
