@@ -81,9 +81,23 @@ def cmd_train(args: argparse.Namespace) -> int:
     if stopped_by:
         print(f"k15: stopped at iteration {trainer.iteration}, checkpoint saved; continue with "
               f"k15 train --output-dir {cfg.run.output_dir} --resume", file=sys.stderr)
+    elif distributed.rank_and_world()[0] == 0:
+        print(_summary(Path(cfg.run.output_dir), trainer), file=sys.stderr)
     if world > 1:
         distributed.exit_rank(code)
     return code
+
+
+def _summary(out: Path, trainer) -> str:
+    """One line at the end of ``k15 train``: held-out pass@1 of the SFT model, the last and the best evaluation."""
+    from k15sys.train.metrics import read_metrics
+
+    evals = [r for r in read_metrics(out / "metrics.jsonl") if "eval/pass@1" in r]
+    first, last = evals[0], evals[-1]
+    best = max(evals[1:] or evals, key=lambda r: r["eval/pass@1"])
+    return (f"k15: done: {trainer.iteration} RL iterations in {trainer.rl_seconds / 60:.1f} min; held-out pass@1 "
+            f"{first['eval/pass@1']:.3f} (SFT) -> {last['eval/pass@1']:.3f} (iteration {last['iteration']}), best "
+            f"{best['eval/pass@1']:.3f} (iteration {best['iteration']}); metrics in {out / 'metrics.jsonl'}")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
