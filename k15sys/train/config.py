@@ -155,7 +155,9 @@ class RunConfig:
     rollout_workers: int = _opt(0, "rollout engines in their own processes (k15sys.rollout.RemoteEngine), weights "
                                 "sent through the checkpoint engine; 0 = one engine in the trainer process. "
                                 "Single-process trainer only (not under torchrun)", min=0)
-    colocate: bool = _opt(False, "engine.sleep() during training and wake() before the weight sync (GPU colocation)")
+    colocate: bool = _opt(False, "hybrid deployment (GPU colocation): the trainer's parameters and optimizer state go to host "
+                          "memory while the engine generates, then engine.sleep() during training and wake() before "
+                          "the weight sync (single-process trainer; under torchrun only the engine sleeps)")
     tensorboard: bool = _opt(True, "also write TensorBoard event files")
     progress: bool = _opt(True, "show tqdm progress bars")
 

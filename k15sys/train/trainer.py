@@ -39,6 +39,7 @@ from k15sys.train import distributed as dist_utils
 from k15sys.train.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from k15sys.train.config import Config, RLConfig, to_dict
 from k15sys.train.evaluation import evaluate
+from k15sys.train.hybrid import TrainerOffload
 from k15sys.train.metrics import MetricsLog
 from k15sys.train.model import build_model
 from k15sys.train.packing import pack
@@ -177,6 +178,9 @@ class Trainer:
             self.optimizer: torch.optim.Optimizer = torch.optim.SGD(self.policy.parameters(), lr=cfg.rl.lr, momentum=0.9)
         else:
             self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=cfg.rl.lr, betas=(0.9, 0.98), weight_decay=0.0)
+        # hybrid deployment: the trainer's memory goes to the host while the engine generates (single process;
+        # under torchrun only the engine sleeps)
+        self.offload = TrainerOffload(self.policy, self.optimizer, self.device if self.world == 1 else torch.device("cpu"))
         self.prompts = [tok.encode(p.prompt, bos=True) for p in self.splits.train]
         self.scheduler = PartialRolloutScheduler(
             self.engine, self._make_sampler(), self.prompts,
@@ -284,10 +288,13 @@ class Trainer:
         self.scheduler.params = SamplingParams(cfg.max_new_tokens, temperature=cfg.temperature,
                                                stop_token_ids=(self.tokenizer.eos_token_id,),
                                                seed=self.cfg.run.seed * 1_000_003 + it * 7919 + self.rank)
+        if self.cfg.run.colocate:  # the engine gets the accelerator's memory while it generates
+            self.offload.offload()
         with intra_op_threads(generation_threads(self.cfg)):
             groups = self.scheduler.run_iteration(policy_version=it)
-        if self.cfg.run.colocate:  # free the engine's accelerator memory while the trainer works
+        if self.cfg.run.colocate:  # and hands it back to the trainer
             self.engine.sleep()
+            self.offload.onload()
         times["time/rollout_s"] = time.perf_counter() - t0
         generated = self.scheduler.last_stats.generated_tokens
         self.stop_after(it, "rollout")
