@@ -16,8 +16,8 @@ class TrainerOffload:
 
     Args:
         model: the policy (plain module; its Parameter objects stay the same, so the optimizer keeps them).
-        optimizer: its optimizer; per-parameter state tensors on ``device`` move with it (CPU-resident ones,
-            such as Adam's step counters, stay where they are).
+        optimizer: its optimizer; per-parameter state tensors on the accelerator move with it (CPU-resident
+            ones, such as Adam's step counters, stay where they are).
         device: the accelerator the trainer runs on; a CPU device makes both calls no-ops.
     """
 
@@ -33,7 +33,7 @@ class TrainerOffload:
         self.model.to("cpu")
         for state in self.optimizer.state.values():
             for key, value in state.items():
-                if torch.is_tensor(value) and value.device == self.device:
+                if torch.is_tensor(value) and value.device.type == self.device.type:
                     state[key] = value.to("cpu")
                     self._moved.append((state, key))
         self.offloaded = True
