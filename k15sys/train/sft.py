@@ -85,3 +85,4 @@ def sft_steps(
         torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
         opt.step()
         yield {"sft/step": step + 1, "sft/loss": float(loss.detach()), "sft/lr": lr, "sft/tokens": float(out.num_tokens.sum())}
+    opt.zero_grad(set_to_none=True)  # the RL stage starts without the warm-up's gradients in memory

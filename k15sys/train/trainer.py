@@ -423,6 +423,7 @@ class Trainer:
                     kls.append(float((ref[idx] - seq_logp.detach()).mean()))
                     ents.append(float(out.entropy.detach().sum()) / max(ntok, 1.0))
                     toks += ntok
+        self.optimizer.zero_grad(set_to_none=True)  # no gradient memory held through the rollouts
         mean = lambda xs: float(np.mean(xs)) if xs else 0.0  # noqa: E731
         return {"rl/loss": mean(losses), "rl/grad_norm": mean(norms), "rl/kl_ref": mean(kls), "rl/entropy": mean(ents),
                 "rl/train_tokens": toks, "rl/lr": lr}
