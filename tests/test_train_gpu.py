@@ -94,9 +94,13 @@ def test_colocated_trainer_gives_the_engine_its_memory_and_trains_the_same(tmp_p
     # colocated, only the engine's copy of the weights is on the GPU during the rollouts; otherwise the trainer's
     # parameters and Adam's two moments are there too (gradients are freed after each training step)
     assert during_rollout[True] <= 1.05 * params and during_rollout[False] >= 3.9 * params, (during_rollout, params)
-    keys = ("rl/reward", "rl/accuracy", "rl/loss", "rl/grad_norm", "eval/pass@1")
+    keys = ("rl/reward", "rl/accuracy", "eval/pass@1")
     for a, b in zip(runs[False], runs[True]):
         assert {k: a.get(k) for k in keys} == {k: b.get(k) for k in keys}
+        # the offload round trip is exact (test below); the GPU backward is not bitwise reproducible run to run,
+        # and the PMD loss of a barely trained model is ~1e-6, so these agree to a few percent
+        for k in ("rl/loss", "rl/grad_norm"):
+            assert (k in a) == (k in b) and (k not in a or abs(a[k] - b[k]) <= 0.1 * abs(a[k]) + 1e-9), (k, a.get(k), b.get(k))
 
 
 def test_trainer_offload_round_trip_is_exact():
