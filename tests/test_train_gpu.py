@@ -97,8 +97,8 @@ def test_colocated_trainer_gives_the_engine_its_memory_and_trains_the_same(tmp_p
     keys = ("rl/reward", "rl/accuracy", "eval/pass@1")
     for a, b in zip(runs[False], runs[True]):
         assert {k: a.get(k) for k in keys} == {k: b.get(k) for k in keys}
-        # the offload round trip is exact (test below); the GPU backward is not bitwise reproducible run to run,
-        # and the PMD loss of a barely trained model is ~1e-6, so these agree to a few percent
+        # the offload round trip is exact (test below), but GPU training is not bitwise reproducible run to run
+        # (two plain runs on an H200: loss 9.53e-7 vs 9.85e-7 at iteration 2), so these agree to a few percent
         for k in ("rl/loss", "rl/grad_norm"):
             assert (k in a) == (k in b) and (k not in a or abs(a[k] - b[k]) <= 0.1 * abs(a[k]) + 1e-9), (k, a.get(k), b.get(k))
 
