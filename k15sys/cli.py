@@ -42,7 +42,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     cfg = _load(args)
     from k15sys.train import distributed
+    from k15sys.train.checkpoint import latest_checkpoint
     from k15sys.train.trainer import Trainer, check_no_previous_run, remove_run
+
+    if args.resume and args.config is None and latest_checkpoint(Path(cfg.run.output_dir) / "checkpoints"):
+        cfg = _load_cfg_for_run(args, cfg.run.output_dir)  # the run's own settings; --set still applies on top
 
     if args.resume and args.overwrite:
         raise ConfigError("--resume and --overwrite: choose one")
@@ -128,17 +132,18 @@ def cmd_long2short(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_cfg_for_run(args: argparse.Namespace):
+def _load_cfg_for_run(args: argparse.Namespace, run_dir: str | None = None):
     """The run's own config (saved in its checkpoints) unless --config is given; --set applies on top."""
     if args.config is None:
         from k15sys.train.checkpoint import latest_checkpoint, load_checkpoint
         from k15sys.train.config import config_from_dict, parse_override
 
-        ck = latest_checkpoint(Path(args.run_dir) / "checkpoints")
+        run_dir = run_dir or args.run_dir
+        ck = latest_checkpoint(Path(run_dir) / "checkpoints")
         if ck is None:
-            raise ConfigError(f"run_dir: no checkpoint under {args.run_dir}/checkpoints")
+            raise ConfigError(f"run_dir: no checkpoint under {run_dir}/checkpoints")
         data = load_checkpoint(ck)["config"]
-        for text in args.overrides:
+        for text in [*args.overrides, f"run.output_dir={run_dir}"]:
             keys, value = parse_override(text)
             node = data
             for k in keys[:-1]:
@@ -182,7 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="long-CoT SFT warm-up, then k1.5 RL")
     _config_args(p)
     p.add_argument("--output-dir", default=None, help="run directory (overrides run.output_dir)")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the run directory")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the latest checkpoint in the run directory, with the config saved in it "
+                        "(--set overrides apply on top; --config replaces it)")
     p.add_argument("--overwrite", action="store_true",
                    help="delete a previous run in the run directory (metrics.jsonl, checkpoints/, tensorboard/) first")
     p.add_argument("--help-config", action="store_true", help="print every config option and exit")

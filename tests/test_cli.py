@@ -119,3 +119,19 @@ def test_trainer_refuses_a_previous_run_and_resume_without_checkpoint_starts_ove
     Trainer(cfg).run(resume=True)  # no checkpoint yet: starts over, dropping the stopped attempt's row
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in rows] == [0, 1] and "time/eval_s" in rows[0]  # the real SFT row, not the stale one
+
+
+def test_resume_uses_the_runs_own_config(tmp_path):
+    """`k15 train --resume` without the original --set options continues the run as it was configured (model size,
+    learning rate), not with the defaults; --set still applies on top."""
+    from k15sys.train.config import load_config
+    from k15sys.train.trainer import rl_learning_rate
+
+    run = tmp_path / "run"
+    first = [f"--set={o}" for o in TINY] + ["--set=run.tensorboard=false", "--set=rl.lr=3e-5", "--set=rl.iterations=1"]
+    assert main(["train", "--output-dir", str(run), *first]) == 0
+    assert main(["train", "--output-dir", str(run), "--resume", "--set=rl.iterations=2"]) == 0
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows] == [0, 1, 2]
+    cfg = load_config(None, [*TINY, "rl.lr=3e-5"])
+    assert rows[2]["rl/lr"] == rl_learning_rate(cfg.rl, 1) and rows[2]["rl/lr"] != rl_learning_rate(load_config(None, []).rl, 1)
