@@ -221,6 +221,7 @@ class Trainer:
         bar = _progress(range(self.iteration, cfg.iterations), self.cfg.run.progress and self.rank == 0,
                         desc="rl", initial=self.iteration, total=cfg.iterations)
         stop = self._stop_agreed()  # asked during SFT
+        shown: dict[str, float | None] = {}
         for _ in bar:
             if stop or (cfg.max_minutes and self.rl_seconds >= 60.0 * cfg.max_minutes):
                 break
@@ -232,6 +233,9 @@ class Trainer:
             if self.iteration % self.cfg.eval.every == 0 or last:
                 row.update(self._evaluate())
             self.metrics.log(row)
+            if hasattr(bar, "set_postfix"):  # the figures a user watches, on the progress bar
+                shown = {"reward": row["rl/reward"], "pass@1": row.get("eval/pass@1", shown.get("pass@1"))}
+                bar.set_postfix({k: f"{v:.3f}" for k, v in shown.items() if v is not None}, refresh=False)
             stop = self._stop_agreed()
             if self.iteration % self.cfg.run.checkpoint_every == 0 or last or stop:
                 self.save()
