@@ -90,9 +90,11 @@ def test_train_into_a_previous_run_needs_resume_or_overwrite(tmp_path, capsys):
     """A repeated command must not mix two runs' metrics or replace their checkpoints by accident."""
     run = tmp_path / "run"
     short = [f"--set={o}" for o in TINY] + ["--set=rl.iterations=1", "--set=run.tensorboard=false"]
-    assert main(["train", "--output-dir", str(run), *short]) == 0
+    assert main(["train", "--output-dir", str(run), *short, "--set=run.progress=true"]) == 0
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    summary = capsys.readouterr().err.strip().splitlines()[-1]  # the last line says how the run went
+    err = capsys.readouterr().err
+    assert "pass@1=" in err  # the progress bar shows the last evaluation
+    summary = err.strip().splitlines()[-1]  # the last line says how the run went
     assert summary.startswith("k15: done: 1 RL iterations") and f"{rows[0]['eval/pass@1']:.3f} (SFT)" in summary
     before = (run / "metrics.jsonl").read_bytes()
     assert main(["train", "--output-dir", str(run), *short]) == 2
