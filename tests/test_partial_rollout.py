@@ -267,6 +267,26 @@ def test_lowered_max_total_len_finishes_longer_trajectories():
     assert len(groups) == 1 and all(t.finish_reason == "length" and len(t.response_ids) == 10 for t in groups[0].trajectories)
 
 
+def test_max_response_len_gives_every_prompt_the_same_response_budget():
+    """Prompts of different lengths: each response is cut at max_response_len tokens, across segments."""
+
+    class Endless:  # never stops: every call fills its budget
+        def generate(self, prompts, params):
+            return [Completion([5] * params.max_new_tokens, [-1.0] * params.max_new_tokens, "length") for _ in prompts]
+
+    prompts = [[1], [1, 2, 3, 4, 5, 6]]
+    s = PartialRolloutScheduler(Endless(), CurriculumSampler([0, 0], ramp_iterations=0, seed=0), prompts, group_size=1,
+                                prompts_per_iteration=2, budget_per_iteration=4, max_total_len=100, max_response_len=7)
+    assert s.run_iteration(0) == []  # 4 of 7 tokens each: both continue
+    groups = s.run_iteration(1)
+    assert sorted(g.prompt_index for g in groups) == [0, 1]  # a short and a long prompt
+    assert [len(g.trajectories[0].response_ids) for g in groups] == [7, 7]
+    assert all(g.trajectories[0].finish_reason == "length" for g in groups)
+    with pytest.raises(ValueError, match="max_response_len"):
+        PartialRolloutScheduler(Endless(), CurriculumSampler([0], seed=0), [[1]], group_size=1, prompts_per_iteration=1,
+                                budget_per_iteration=4, max_total_len=100, max_response_len=0)
+
+
 def test_buffer_path_resumes_instead_of_overwriting(tmp_path):
     s = _scheduler(ScriptedEngine({0: 30, 1: 30, 2: 30, 3: 30}), tmp_path)
     s.run_iteration(0)

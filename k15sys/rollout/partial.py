@@ -8,7 +8,7 @@ most ``budget_per_iteration`` new tokens (continuing is generating from prompt +
 workers continue the long trajectories while others start new prompts.
 
 A trajectory finishes on a stop token, on a repeat loop (``finish_reason="repeat"``, for the penalty),
-or at ``max_total_len`` (``"length"``). A task whose engine call raises is applied nowhere and goes
+or at ``max_total_len`` / ``max_response_len`` (``"length"``). A task whose engine call raises is applied nowhere and goes
 back to the queue for another worker; nothing is lost.
 """
 from __future__ import annotations
@@ -71,6 +71,8 @@ class PartialRolloutScheduler:
         group_size: k samples per prompt (>= 1).
         budget_per_iteration: max new tokens per trajectory per iteration (>= 1).
         max_total_len: prompt + response cap; a prompt of this length or longer is an error.
+        max_response_len: response cap per trajectory (None: ``max_total_len`` alone caps), so that prompts of
+            different lengths get the same response budget, as ``max_new_tokens`` gives in one-shot sampling.
         prompts_per_iteration: new prompts (groups) opened each iteration (>= 0).
         params: sampling parameters; ``max_new_tokens`` is replaced by the budget, and a ``seed`` by one
             derived per task, so results do not depend on which worker runs which task.
@@ -93,6 +95,7 @@ class PartialRolloutScheduler:
         budget_per_iteration: int,
         max_total_len: int,
         prompts_per_iteration: int,
+        max_response_len: int | None = None,
         params: SamplingParams | None = None,
         batch_size: int = 64,
         num_workers: int | None = None,
@@ -108,6 +111,8 @@ class PartialRolloutScheduler:
                                  ("batch_size", batch_size, 1), ("max_attempts", max_attempts, 1)):
             if not isinstance(value, int) or value < low:
                 raise ValueError(f"{name}: must be an int >= {low}, got {value!r}")
+        if max_response_len is not None and (not isinstance(max_response_len, int) or max_response_len < 1):
+            raise ValueError(f"max_response_len: must be None or an int >= 1, got {max_response_len!r}")
         num_workers = len(self.engines) if num_workers is None else num_workers
         if not isinstance(num_workers, int) or num_workers < 1:
             raise ValueError(f"num_workers: must be an int >= 1, got {num_workers!r}")
@@ -122,6 +127,7 @@ class PartialRolloutScheduler:
         self.prompts_per_iteration = prompts_per_iteration
         self.budget = budget_per_iteration
         self.max_total_len = max_total_len
+        self.max_response_len = max_response_len
         self.params = params if params is not None else SamplingParams(1)
         self.batch_size = batch_size
         self.num_workers = num_workers
@@ -171,8 +177,8 @@ class PartialRolloutScheduler:
         for part in (old, new):
             by_budget: dict[int, list[Trajectory]] = {}
             for t in part:
-                budget = min(self.budget, self.max_total_len - t.total_len)
-                if budget <= 0:  # max_total_len was lowered after this trajectory grew past it
+                budget = min(self.budget, self._room(t))
+                if budget <= 0:  # a cap was lowered after this trajectory grew past it
                     t.finish_reason = "length"
                 else:
                     by_budget.setdefault(budget, []).append(t)
@@ -181,6 +187,13 @@ class PartialRolloutScheduler:
                     chunk = trajs[i : i + self.batch_size]
                     tasks.append(_Task(chunk, budget, self._task_seed(version, chunk[0])))
         return tasks
+
+    def _room(self, t: Trajectory) -> int:
+        """New tokens ``t`` may still take under ``max_total_len`` and ``max_response_len``."""
+        room = self.max_total_len - t.total_len
+        if self.max_response_len is not None:
+            room = min(room, self.max_response_len - len(t.response_ids))
+        return room
 
     def _task_seed(self, version: int, first: Trajectory) -> int | None:
         if self.params.seed is None:
@@ -274,7 +287,7 @@ class PartialRolloutScheduler:
             t.segments.append(Segment(version, start, len(t.response_ids)))
             if reason != "length":
                 t.finish_reason = reason
-            elif t.total_len >= self.max_total_len:
+            elif self._room(t) <= 0:
                 t.finish_reason = "length"
             produced += generated
         return produced

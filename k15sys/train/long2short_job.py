@@ -139,6 +139,7 @@ def run_rl(tr: Trainer) -> dict[str, Any]:
     tr.length_weight = type(tr.length_weight)(rl.length_penalty_weight, 0)
     tr.scheduler.budget = rl.max_new_tokens
     tr.scheduler.max_total_len = max(map(len, tr.prompts)) + rl.max_new_tokens
+    tr.scheduler.max_response_len = rl.max_new_tokens
     tr.scheduler.buffer.groups.clear()  # trajectories of the long-CoT run do not carry over
     for _ in range(c.rl_iterations):
         tr.rl_iteration()

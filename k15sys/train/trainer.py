@@ -188,6 +188,7 @@ class Trainer:
             prompts_per_iteration=self._my_share(cfg.rl.prompts_per_iteration),
             budget_per_iteration=cfg.rl.token_budget or cfg.rl.max_new_tokens,
             max_total_len=max(map(len, self.prompts)) + cfg.rl.max_new_tokens,
+            max_response_len=cfg.rl.max_new_tokens,
             params=SamplingParams(cfg.rl.max_new_tokens, temperature=cfg.rl.temperature, stop_token_ids=(tok.eos_token_id,)),
             batch_size=256,
             buffer=ReplayBuffer(),
