@@ -100,7 +100,9 @@ def test_colocated_trainer_gives_the_engine_its_memory_and_trains_the_same(tmp_p
         # the offload round trip is exact (test below), but GPU training is not bitwise reproducible run to run
         # (two plain runs on an H200: loss 9.53e-7 vs 9.85e-7 at iteration 2), so these agree to a few percent
         for k in ("rl/loss", "rl/grad_norm"):
-            assert (k in a) == (k in b) and (k not in a or abs(a[k] - b[k]) <= 0.1 * abs(a[k]) + 1e-9), (k, a.get(k), b.get(k))
+            assert (k in a) == (k in b), k
+            if k in a:  # relative to the larger value, plus an absolute floor for losses near zero
+                assert abs(a[k] - b[k]) <= 0.1 * max(abs(a[k]), abs(b[k])) + 1e-7, (k, a[k], b[k])
 
 
 def test_trainer_offload_round_trip_is_exact():
