@@ -97,12 +97,10 @@ def test_colocated_trainer_gives_the_engine_its_memory_and_trains_the_same(tmp_p
     keys = ("rl/reward", "rl/accuracy", "eval/pass@1")
     for a, b in zip(runs[False], runs[True]):
         assert {k: a.get(k) for k in keys} == {k: b.get(k) for k in keys}
-        # the offload round trip is exact (test below), but GPU training is not bitwise reproducible run to run
-        # (two plain runs on an H200: loss 9.53e-7 vs 9.85e-7 at iteration 2), so these agree to a few percent
-        for k in ("rl/loss", "rl/grad_norm"):
-            assert (k in a) == (k in b), k
-            if k in a:  # relative to the larger value, plus an absolute floor for losses near zero
-                assert abs(a[k] - b[k]) <= 0.1 * max(abs(a[k]), abs(b[k])) + 1e-7, (k, a[k], b[k])
+    # Loss and grad norm are not compared: the offload round trip is exact (test below), but GPU training is not
+    # bitwise reproducible, and this untrained model's rewards are all 0 (zero advantage), so its losses are
+    # rounding noise: two identical plain runs on an H200 gave 2.3e-9 / 5.0e-9 at iteration 1 and 2.7e-6 / 8.1e-6
+    # at iteration 2 (the colocated run: 4.5e-9 and 1.1e-5).
 
 
 def test_trainer_offload_round_trip_is_exact():
