@@ -1,7 +1,7 @@
 """The ``k15`` command line (paper 2.3-2.6 as a runnable job).
 
     k15 train [--config configs/default.yaml] [--output-dir DIR] [--resume | --overwrite] [--set section.key=value ...]
-    k15 eval DIR [--samples 8]
+    k15 eval DIR [--samples 8] [--model MODEL_DIR]
     k15 long2short merge|srs|dpo|rl DIR
     k15 plot DIR [--out curve.png]
     k15 export DIR --out MODEL_DIR
@@ -113,12 +113,27 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     cfg = _load_cfg_for_run(args)
     tr = _load(cfg, Path(args.run_dir))
+    row: dict = {"iteration": tr.iteration}
+    if args.model:  # e.g. a long2short result: its weights, the run's task and evaluation settings
+        from transformers import AutoModelForCausalLM
+
+        from k15sys.weights import push_weights
+
+        try:
+            lm = AutoModelForCausalLM.from_pretrained(args.model)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"--model: cannot load a transformers model from {args.model}: {e}") from None
+        try:
+            push_weights(tr.engine, dict(lm.named_parameters()))
+        except ValueError as e:
+            raise ConfigError(f"--model: {args.model} does not match the run's model: {e}") from None
+        row = {"model": str(args.model)}
     with intra_op_threads(generation_threads(cfg)):
-        row = evaluate(tr.engine, tr.tokenizer, tr.splits.eval, max_new_tokens=cfg.rl.max_new_tokens,
+        scores = evaluate(tr.engine, tr.tokenizer, tr.splits.eval, max_new_tokens=cfg.rl.max_new_tokens,
                        num_samples=args.samples, temperature=cfg.eval.temperature, batch_size=cfg.eval.batch_size,
                        seed=cfg.run.seed)
     tr.scheduler.close()
-    print(json.dumps({"iteration": tr.iteration, **row}, sort_keys=True))
+    print(json.dumps({**row, **scores}, sort_keys=True))
     return 0
 
 
@@ -201,6 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     _config_args(p)
     p.add_argument("--samples", type=int, default=1, help="k for pass@k (sampled at eval.temperature)")
+    p.add_argument("--model", default=None,
+                   help="evaluate this transformers model directory (k15 export, RUN/long2short/<method>) instead of "
+                        "the run's latest checkpoint, with the run's task and evaluation settings")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("long2short", help="long2short methods of paper 2.4 on a trained run")

@@ -84,6 +84,14 @@ def test_export_writes_a_transformers_model_of_the_latest_checkpoint(tiny_run, t
     assert saved.keys() == own.keys() and all(torch.equal(own[k], saved[k]) for k in saved)
     assert json.loads((tmp_path / "model" / "k15_tokens.json").read_text()) == CharTokenizer().tokens
     assert main(["export", str(tmp_path / "no_run"), "--out", str(tmp_path / "m2")]) == 2
+    # k15 eval --model: the exported weights score exactly what the checkpoint scores
+    runs = [subprocess.run([*K15, "eval", str(tiny_run), *extra], capture_output=True, text=True, timeout=120)
+            for extra in ([], ["--model", str(tmp_path / "model")], ["--model", str(tmp_path / "no_model")])]
+    assert runs[0].returncode == runs[1].returncode == 0, runs[1].stderr[-2000:]
+    own, exported = (json.loads(r.stdout.strip().splitlines()[-1]) for r in runs[:2])
+    assert exported.pop("model") == str(tmp_path / "model") and own.pop("iteration") == 2
+    assert own == exported
+    assert runs[2].returncode == 2 and "--model" in runs[2].stderr
 
 
 def test_train_into_a_previous_run_needs_resume_or_overwrite(tmp_path, capsys):
