@@ -45,11 +45,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     from k15sys.train.checkpoint import latest_checkpoint
     from k15sys.train.trainer import Trainer, check_no_previous_run, remove_run
 
-    if args.resume and args.config is None and latest_checkpoint(Path(cfg.run.output_dir) / "checkpoints"):
-        cfg = _load_cfg_for_run(args, cfg.run.output_dir)  # the run's own settings; --set still applies on top
-
     if args.resume and args.overwrite:
         raise ConfigError("--resume and --overwrite: choose one")
+    if args.resume and args.config is None and latest_checkpoint(Path(cfg.run.output_dir) / "checkpoints"):
+        cfg = _load_cfg_for_run(args, cfg.run.output_dir)  # the run's own settings; --set still applies on top
     if args.overwrite and int(os.environ.get("RANK", "0")) == 0:  # before the ranks meet in init_from_env
         remove_run(cfg.run.output_dir)
     elif not args.resume:
