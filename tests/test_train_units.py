@@ -16,7 +16,7 @@ from k15sys.train.metrics import MetricsLog, read_metrics
 from k15sys.train.model import build_model
 from k15sys.train.packing import IGNORE_INDEX, pack
 from k15sys.train.policy import PackedPolicy
-from k15sys.train.sft import sft_examples
+from k15sys.train.sft import sft_examples, warmup_problems
 
 
 def _eval_chain(text: str) -> int:
@@ -98,6 +98,16 @@ def test_splits_are_disjoint_seeded_and_labelled():
         make_splits(seed=0, num_train=1, num_eval=1, min_ops=3, max_ops=2, max_operand=9)
 
 
+def test_warmup_set_keeps_the_problems_with_at_most_max_ops_operations():
+    train = make_splits(seed=2, num_train=300, num_eval=10, min_ops=2, max_ops=5, max_operand=9).train
+    assert warmup_problems(train, 0) == list(train)
+    easy = warmup_problems(train, 3)
+    assert easy and {p.difficulty for p in easy} == {2, 3}
+    assert easy == [p for p in train if p.difficulty <= 3]  # same order: the SFT stream stays seeded
+    with pytest.raises(ValueError, match="no training problem"):
+        warmup_problems([p for p in train if p.difficulty == 5], 3)
+
+
 def test_direct_answers_verify_and_mix_into_sft_data():
     splits = make_splits(seed=1, num_train=50, num_eval=5, min_ops=2, max_ops=3, max_operand=9)
     p = splits.train[0]
@@ -133,7 +143,7 @@ def test_config_yaml_default_overrides_and_errors(tmp_path):
                      ("task.direct_prob=2", "task.direct_prob"), ("rl.optimizer=adam", "rl.optimizer"),
                      ("run.rollout_workers=-1", "run.rollout_workers"), ("rl.decay_iterations=-1", "rl.decay_iterations"),
                      ("rl.lr_min=1e-3", "rl.lr_min"), ("rl.skip_zero_advantage=maybe", "rl.skip_zero_advantage"),
-                     ("run.rollout_threads=-1", "run.rollout_threads")]:
+                     ("run.rollout_threads=-1", "run.rollout_threads"), ("sft.max_ops=1", "sft.max_ops")]:
         with pytest.raises(ConfigError, match=f"^{key}"):
             load_config(None, [bad])
     f = tmp_path / "c.yaml"

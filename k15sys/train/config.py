@@ -65,6 +65,9 @@ class SFTConfig:
     warmup_steps: int = _opt(20, "learning-rate warm-up steps", min=0)
     weight_decay: float = _opt(0.0, "AdamW weight decay", min=0.0)
     long_cot: bool = _opt(True, "train on long-CoT traces (with checks); false = short traces")
+    max_ops: int = _opt(0, "warm-up set: only the training problems with at most this many operations (0 = all); RL and "
+                        "evaluation still cover task.min_ops..task.max_ops (docs/main_job.md: RL does not extend the "
+                        "model to longer chains than the warm-up showed)", min=0)
 
 
 @dataclass
@@ -221,6 +224,8 @@ def _cross_checks(cfg: Config) -> None:
     for key in ("verify_prob", "direct_prob", "mistake_prob"):
         if getattr(cfg.task, key) > 1:
             raise ConfigError(f"task.{key}: must be <= 1, got {getattr(cfg.task, key)}")
+    if cfg.sft.max_ops and cfg.sft.max_ops < cfg.task.min_ops:
+        raise ConfigError(f"sft.max_ops: must be 0 (all) or >= task.min_ops={cfg.task.min_ops}, got {cfg.sft.max_ops}")
     if cfg.model.num_heads % cfg.model.num_kv_heads:
         raise ConfigError(f"model.num_kv_heads: {cfg.model.num_kv_heads} does not divide model.num_heads={cfg.model.num_heads}")
     if cfg.model.hidden_size % cfg.model.num_heads:

@@ -45,6 +45,19 @@ def sft_examples(
     return seqs, plens, targets
 
 
+def warmup_problems(problems: Sequence[Problem], max_ops: int) -> list[Problem]:
+    """The warm-up set (paper 2.3.1): the problems with at most ``max_ops`` operations (0 = all of them).
+
+    A warm-up on the easier problems only leaves the harder ones to RL, whose curriculum (2.3.4) moves
+    from easy to hard."""
+    if max_ops < 0:
+        raise ValueError(f"max_ops: must be >= 0, got {max_ops}")
+    chosen = [p for p in problems if not max_ops or p.difficulty <= max_ops]
+    if problems and not chosen:
+        raise ValueError(f"max_ops={max_ops}: no training problem has that few operations")
+    return chosen
+
+
 def lr_factor(step: int, total: int, warmup: int) -> float:
     """Linear warm-up to 1 over ``warmup`` steps, then cosine decay to 0.1 at ``total``."""
     if step < warmup:

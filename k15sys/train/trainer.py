@@ -44,7 +44,7 @@ from k15sys.train.metrics import MetricsLog
 from k15sys.train.model import build_model
 from k15sys.train.packing import pack
 from k15sys.train.policy import PackedPolicy
-from k15sys.train.sft import sft_steps
+from k15sys.train.sft import sft_steps, warmup_problems
 from k15sys.weights import push_weights
 
 
@@ -273,7 +273,8 @@ class Trainer:
 
     def _sft(self) -> None:
         c = self.cfg
-        steps = sft_steps(self.policy, self.splits.train, self.tokenizer, c.sft, verify_prob=c.task.verify_prob,
+        warmup = warmup_problems(self.splits.train, c.sft.max_ops)
+        steps = sft_steps(self.policy, warmup, self.tokenizer, c.sft, verify_prob=c.task.verify_prob,
                           direct_prob=c.task.direct_prob, mistake_prob=c.task.mistake_prob, seed=c.run.seed,
                           row_tokens=c.run.pack_row_tokens)
         for row in _progress(steps, c.run.progress and self.rank == 0, desc="sft", total=c.sft.steps):
