@@ -149,10 +149,11 @@ def cmd_long2short(args: argparse.Namespace) -> int:
 def _load_cfg_for_run(args: argparse.Namespace, run_dir: str | None = None):
     """The run's own config (saved in its checkpoints) unless --config is given; --set applies on top."""
     if args.config is None:
+        from k15sys.train.checkpoint import checkpoint_config
         from k15sys.train.config import config_from_dict, parse_override
 
         run_dir = run_dir or args.run_dir
-        data = _latest_state(run_dir)["config"]
+        data = checkpoint_config(_latest_checkpoint(run_dir))
         for text in [*args.overrides, f"run.output_dir={run_dir}"]:
             keys, value = parse_override(text)
             node = data
@@ -165,21 +166,22 @@ def _load_cfg_for_run(args: argparse.Namespace, run_dir: str | None = None):
     return _load(args)
 
 
-def _latest_state(run_dir: str) -> dict:
-    """The state saved in the run's latest checkpoint (config, model, ...); a config error if there is none."""
-    from k15sys.train.checkpoint import latest_checkpoint, load_checkpoint
+def _latest_checkpoint(run_dir: str) -> Path:
+    """The run's latest checkpoint directory; a config error if there is none."""
+    from k15sys.train.checkpoint import latest_checkpoint
 
     ck = latest_checkpoint(Path(run_dir) / "checkpoints")
     if ck is None:
         raise ConfigError(f"run_dir: no checkpoint under {run_dir}/checkpoints")
-    return load_checkpoint(ck)
+    return ck
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from k15sys.train.checkpoint import load_checkpoint
     from k15sys.train.config import config_from_dict
     from k15sys.train.model import export_model
 
-    state = _latest_state(args.run_dir)
+    state = load_checkpoint(_latest_checkpoint(args.run_dir))
     out = export_model(config_from_dict(state["config"]).model, state["model"], args.out)
     print(out)
     return 0

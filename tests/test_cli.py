@@ -131,16 +131,23 @@ def test_trainer_refuses_a_previous_run_and_resume_without_checkpoint_starts_ove
     assert [r["iteration"] for r in rows] == [0, 1] and "time/eval_s" in rows[0]  # the real SFT row, not the stale one
 
 
-def test_resume_uses_the_runs_own_config(tmp_path):
+def test_resume_uses_the_runs_own_config(tmp_path, monkeypatch):
     """`k15 train --resume` without the original --set options continues the run as it was configured (model size,
-    learning rate), not with the defaults; --set still applies on top."""
+    learning rate), not with the defaults; --set still applies on top. The weights are read once (the config comes
+    from the checkpoint's config.json)."""
+    from k15sys.train import checkpoint, trainer
     from k15sys.train.config import load_config
     from k15sys.train.trainer import rl_learning_rate
 
     run = tmp_path / "run"
     first = [f"--set={o}" for o in TINY] + ["--set=run.tensorboard=false", "--set=rl.lr=3e-5", "--set=rl.iterations=1"]
     assert main(["train", "--output-dir", str(run), *first]) == 0
+    loads, load = [], checkpoint.load_checkpoint
+    counted = lambda path: loads.append(path) or load(path)  # noqa: E731
+    monkeypatch.setattr(checkpoint, "load_checkpoint", counted)
+    monkeypatch.setattr(trainer, "load_checkpoint", counted)
     assert main(["train", "--output-dir", str(run), "--resume", "--set=rl.iterations=2"]) == 0
+    assert len(loads) == 1
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in rows] == [0, 1, 2]
     cfg = load_config(None, [*TINY, "rl.lr=3e-5"])

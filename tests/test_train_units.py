@@ -1,6 +1,7 @@
 """Unit tests of the main job's pieces: task, tokenizer, config, packing, policy log-probs, checkpoints, metrics."""
 from __future__ import annotations
 
+import json
 import math
 import random
 import re
@@ -10,7 +11,7 @@ import torch
 
 from k15sys.rewards import math_reward
 from k15sys.tasks import CharTokenizer, direct_answer, make_problem, make_splits, solution
-from k15sys.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from k15sys.train.checkpoint import checkpoint_config, latest_checkpoint, load_checkpoint, save_checkpoint
 from k15sys.train.config import Config, ConfigError, ModelConfig, load_config
 from k15sys.train.metrics import MetricsLog, read_metrics
 from k15sys.train.model import build_model
@@ -189,6 +190,14 @@ def test_checkpoint_is_atomic_and_pruned(tmp_path):
     # a torn write (a temp dir left by a kill) is ignored
     (root / ".tmp_iter_000004_1").mkdir()
     assert latest_checkpoint(root).name == "iter_000003"
+
+
+def test_checkpoint_config_is_read_without_the_weights(tmp_path):
+    cfg = {"rl": {"lr": 3e-5}, "model": {"hidden_size": 32}}
+    ck = save_checkpoint(tmp_path, 7, {"iteration": 7, "config": cfg, "model": {"w": torch.ones(2)}})
+    assert json.loads((ck / "config.json").read_text()) == cfg == checkpoint_config(ck)
+    (ck / "config.json").unlink()  # a checkpoint from before the sidecar: read from state.pt
+    assert checkpoint_config(ck) == cfg
 
 
 def test_metrics_jsonl_truncate(tmp_path):

@@ -1,13 +1,15 @@
 """Atomic checkpoints of everything that decides the next RL step (paper 2.6: resumable training).
 
 A checkpoint is a directory ``checkpoints/iter_XXXXXX/`` holding ``state.pt`` (model, optimizer,
-sampler, replay buffer, RNG states, iteration, stage, config). It is written under a temporary name,
+sampler, replay buffer, RNG states, iteration, stage, config) and ``config.json`` (the config alone, so
+that reading a run's settings does not load its weights). It is written under a temporary name,
 fsynced, then renamed; ``checkpoints/latest`` (a one-line file, replaced atomically) names the newest
 complete one. A run killed at any instant therefore leaves either the previous or the new checkpoint,
 never a torn one.
 """
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -53,6 +55,11 @@ def save_checkpoint(root: str | Path, iteration: int, state: dict[str, Any], *, 
         torch.save(state, f)
         f.flush()
         os.fsync(f.fileno())
+    if "config" in state:
+        with (tmp / "config.json").open("w") as f:
+            json.dump(state["config"], f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
     _fsync_dir(tmp)
     if final.exists():
         shutil.rmtree(final)
@@ -82,3 +89,12 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if not f.exists():
         raise ValueError(f"path: no checkpoint at {path}")
     return torch.load(f, map_location="cpu", weights_only=False)
+
+
+def checkpoint_config(path: str | Path) -> dict[str, Any]:
+    """The config saved with checkpoint ``path``, read from its ``config.json`` without loading the weights
+    (from ``state.pt`` for checkpoints written before the sidecar existed)."""
+    f = Path(path) / "config.json"
+    if f.exists():
+        return json.loads(f.read_text())
+    return load_checkpoint(path)["config"]
