@@ -152,3 +152,20 @@ def test_resume_uses_the_runs_own_config(tmp_path, monkeypatch):
     assert [r["iteration"] for r in rows] == [0, 1, 2]
     cfg = load_config(None, [*TINY, "rl.lr=3e-5"])
     assert rows[2]["rl/lr"] == rl_learning_rate(cfg.rl, 1) and rows[2]["rl/lr"] != rl_learning_rate(load_config(None, []).rl, 1)
+
+
+def test_deterministic_mode_runs_on_the_cpu_and_gives_the_same_run(tmp_path):
+    """`run.deterministic` switches torch to deterministic algorithms; every op of the CPU path has one, and the run
+    equals the default run (the CPU path is deterministic already). The bit-identical GPU runs are a GPU test."""
+    rows = {}
+    try:
+        for det in ("false", "true"):
+            run = tmp_path / det
+            assert main(["train", "--output-dir", str(run), *[f"--set={o}" for o in TINY],
+                         "--set=run.tensorboard=false", f"--set=run.deterministic={det}"]) == 0
+            rows[det] = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        assert torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.use_deterministic_algorithms(False)
+    keys = ("rl/loss", "rl/grad_norm", "rl/reward", "eval/pass@1")
+    assert [{k: r.get(k) for k in keys} for r in rows["false"]] == [{k: r.get(k) for k in keys} for r in rows["true"]]

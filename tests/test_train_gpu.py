@@ -66,6 +66,33 @@ def test_rollout_worker_processes_on_cuda(tmp_path):
         assert {k: a.get(k) for k in keys} == {k: b.get(k) for k in keys}
 
 
+@pytest.fixture
+def deterministic_mode():
+    """`run.deterministic` switches the whole process; switch it back for the other tests."""
+    yield
+    torch.use_deterministic_algorithms(False)
+
+
+def test_deterministic_gpu_runs_are_bit_identical(tmp_path, deterministic_mode):
+    """`run.deterministic`: two identical runs on the GPU give the same losses, grad norms and weights, bit for bit
+    (without it, `index_add`'s atomics make them differ; see docs/main_job.md)."""
+    big = ["model.hidden_size=256", "model.intermediate_size=1024", "model.num_layers=4"]
+    runs, weights = [], []
+    for n in range(2):
+        cfg = load_config(None, [*TINY, *big, "rl.iterations=3", "run.deterministic=true", f"run.output_dir={tmp_path / str(n)}"])
+        trainer = Trainer(cfg)
+        trainer.run()
+        assert torch.are_deterministic_algorithms_enabled()
+        runs.append(_rows(tmp_path / str(n)))
+        weights.append({k: v.detach().clone() for k, v in trainer.policy.lm.state_dict().items()})
+        del trainer
+    assert [r["iteration"] for r in runs[0]] == [0, 1, 2, 3]
+    keys = ("rl/loss", "rl/grad_norm", "rl/kl_ref", "rl/entropy", "rl/reward", "eval/pass@1")
+    for a, b in zip(*runs):
+        assert {k: a.get(k) for k in keys} == {k: b.get(k) for k in keys}
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
 def test_colocated_trainer_gives_the_engine_its_memory_and_trains_the_same(tmp_path):
     """`run.colocate` (paper 2.6.3): while the engine generates, the trainer's parameters and Adam state are in
     host memory (measured inside the rollout), and the run's results equal the non-colocated run's."""

@@ -152,6 +152,9 @@ class RunConfig:
     rollout_threads: int = _opt(1, "torch intra-op threads while generating (rollouts, evaluation, rollout "
                                 "workers); 0 = run.threads. Decoding's small matmuls run fastest on one thread "
                                 "on the CPU", min=0)
+    deterministic: bool = _opt(False, "bit-reproducible GPU runs: torch.use_deterministic_algorithms(True) and a fixed "
+                               "cuBLAS workspace (CUBLAS_WORKSPACE_CONFIG), for the whole process; somewhat slower. "
+                               "The CPU path is reproducible without it")
     checkpoint_every: int = _opt(10, "save a checkpoint every this many RL iterations", min=1)
     keep_checkpoints: int = _opt(2, "checkpoints kept on disk", min=1)
     pack_row_tokens: int = _opt(256, "sequence packing: tokens per packed row (0 = one row)", min=0)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import functools
 import math
+import os
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -139,6 +140,14 @@ def remove_run(output_dir: str | Path) -> None:
             path.unlink()
 
 
+def use_deterministic_algorithms() -> None:
+    """Make this process's GPU training bit-reproducible (``run.deterministic``): deterministic kernels where torch
+    has a choice (e.g. ``index_add`` sums without atomics) and a fixed cuBLAS workspace. k15sys's own Triton
+    kernels use no atomics, so they are deterministic either way."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+
+
 class Trainer:
     """Builds every component from a :class:`Config` and runs ``sft -> eval -> RL iterations``.
 
@@ -150,6 +159,8 @@ class Trainer:
 
     def __init__(self, cfg: Config, *, stop_after: Callable[[int, str], None] | None = None) -> None:
         self.cfg = cfg
+        if cfg.run.deterministic:
+            use_deterministic_algorithms()
         self.stop_after = stop_after or (lambda it, where: None)
         self.rank, self.world = dist_utils.rank_and_world()
         self.out = Path(cfg.run.output_dir)
