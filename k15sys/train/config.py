@@ -163,7 +163,7 @@ class RunConfig:
                                 "Single-process trainer only (not under torchrun)", min=0)
     colocate: bool = _opt(False, "hybrid deployment (GPU colocation): the trainer's parameters and optimizer state go to host "
                           "memory while the engine generates, then engine.sleep() during training and wake() before "
-                          "the weight sync (single-process trainer; under torchrun only the engine sleeps)")
+                          "the weight sync (also for the FSDP2-sharded trainer under torchrun)")
     tensorboard: bool = _opt(True, "also write TensorBoard event files")
     progress: bool = _opt(True, "show tqdm progress bars")
 

@@ -15,7 +15,8 @@ class TrainerOffload:
     """Moves a module and its optimizer's state between ``device`` and host memory.
 
     Args:
-        model: the policy (plain module; its Parameter objects stay the same, so the optimizer keeps them).
+        model: the policy, plain or FSDP2-sharded (``module.to`` moves the local shards); its Parameter objects
+            stay the same, so the optimizer keeps them.
         optimizer: its optimizer; per-parameter state tensors on the accelerator move with it (CPU-resident
             ones, such as Adam's step counters, stay where they are).
         device: the accelerator the trainer runs on; a CPU device makes both calls no-ops.

@@ -189,9 +189,8 @@ class Trainer:
             self.optimizer: torch.optim.Optimizer = torch.optim.SGD(self.policy.parameters(), lr=cfg.rl.lr, momentum=0.9)
         else:
             self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=cfg.rl.lr, betas=(0.9, 0.98), weight_decay=0.0)
-        # hybrid deployment: the trainer's memory goes to the host while the engine generates (single process;
-        # under torchrun only the engine sleeps)
-        self.offload = TrainerOffload(self.policy, self.optimizer, self.device if self.world == 1 else torch.device("cpu"))
+        # hybrid deployment: the trainer's memory (plain or FSDP2-sharded) goes to the host while the engine generates
+        self.offload = TrainerOffload(self.policy, self.optimizer, self.device)
         self.prompts = [tok.encode(p.prompt, bos=True) for p in self.splits.train]
         self.scheduler = PartialRolloutScheduler(
             self.engine, self._make_sampler(), self.prompts,
