@@ -2,8 +2,8 @@
 
 For each mode (default, deterministic) the main job is run twice from the same config: SFT, then
 ``--iterations`` RL iterations (paper 2.3-2.6). A pair is reproducible when every iteration's loss, grad norm,
-KL and entropy and the final weights are bit-identical. The time per RL iteration (median over both runs) of
-the deterministic mode is reported relative to the default mode. The two modes alternate (default, det,
+KL and entropy and the final weights are bit-identical. The time per RL iteration, rollout and training phase
+(medians over both runs) of the deterministic mode is reported relative to the default mode. The two modes alternate (default, det,
 default, det) so load changes on the machine hit both alike. Deterministic mode is process-wide, so each run
 is a subprocess.
 
@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 KEYS = ("rl/loss", "rl/grad_norm", "rl/kl_ref", "rl/entropy")
+STAGES = ("iteration", "rollout", "train")
 
 
 def one_run(out: str, overrides: list[str]) -> dict:
@@ -37,7 +38,8 @@ def one_run(out: str, overrides: list[str]) -> dict:
     digest = hashlib.sha256()
     for name, t in sorted(trainer.policy.lm.state_dict().items()):
         digest.update(name.encode() + t.detach().float().cpu().numpy().tobytes())
-    return {"rows": [{k: r.get(k) for k in KEYS} for r in rows], "iteration_s": [r["time/iteration_s"] for r in rows],
+    return {"rows": [{k: r.get(k) for k in KEYS} for r in rows],
+            **{f"{stage}_s": [r[f"time/{stage}_s"] for r in rows] for stage in STAGES},
             "weights_sha256": digest.hexdigest()}
 
 
@@ -73,9 +75,10 @@ def main() -> None:
         result[mode] = {"bit_identical": not differ and a["weights_sha256"] == b["weights_sha256"],
                         "first_differing_iteration": differ[0] if differ else None,
                         "loss_it1": [a["rows"][0]["rl/loss"], b["rows"][0]["rl/loss"]],
-                        "median_iteration_s": statistics.median(a["iteration_s"] + b["iteration_s"])}
-    result["deterministic_time_ratio"] = (result["deterministic"]["median_iteration_s"]
-                                          / result["default"]["median_iteration_s"])
+                        **{f"median_{st}_s": statistics.median(a[f"{st}_s"] + b[f"{st}_s"]) for st in STAGES}}
+    for st in STAGES:
+        key = f"median_{st}_s"
+        result[f"deterministic_{st}_time_ratio"] = result["deterministic"][key] / result["default"][key]
     text = json.dumps(result)
     if args.out:
         Path(args.out).write_text(text + "\n")

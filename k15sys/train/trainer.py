@@ -143,9 +143,12 @@ def remove_run(output_dir: str | Path) -> None:
 def use_deterministic_algorithms() -> None:
     """Make this process's GPU training bit-reproducible (``run.deterministic``): deterministic kernels where torch
     has a choice (e.g. ``index_add`` sums without atomics) and a fixed cuBLAS workspace. k15sys's own Triton
-    kernels use no atomics, so they are deterministic either way."""
+    kernels use no atomics, so they are deterministic either way. Torch's NaN-filling of every new uninitialised
+    tensor (on by default with deterministic algorithms, a guard against kernels that read memory they never wrote)
+    is turned off: it adds a kernel launch per allocation, which dominates small models' steps."""
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = False
 
 
 class Trainer:
