@@ -103,9 +103,22 @@ def _build_lm(cfg: Config, tok: CharTokenizer) -> torch.nn.Module:
                        pad_token_id=tok.pad_token_id)
 
 
+def use_deterministic_algorithms() -> None:
+    """Make this process's GPU training bit-reproducible (``run.deterministic``): deterministic kernels where torch
+    has a choice (e.g. ``index_add`` sums without atomics) and a fixed cuBLAS workspace. k15sys's own Triton
+    kernels use no atomics, so they are deterministic either way. Torch's NaN-filling of every new uninitialised
+    tensor (on by default with deterministic algorithms, a guard against kernels that read memory they never wrote)
+    is turned off: it adds a kernel launch per allocation, which dominates small models' steps."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = False
+
+
 def build_rollout_engine(cfg: Config) -> TorchEngine:
     """A rollout worker's engine (run in the worker process): the policy's architecture on ``run.device``;
     its weights arrive with the first weight sync."""
+    if cfg.run.deterministic:  # the mode is per process
+        use_deterministic_algorithms()
     threads = generation_threads(cfg)  # the worker only generates
     if threads:
         torch.set_num_threads(threads)
@@ -138,17 +151,6 @@ def remove_run(output_dir: str | Path) -> None:
             shutil.rmtree(path)
         elif path.exists():
             path.unlink()
-
-
-def use_deterministic_algorithms() -> None:
-    """Make this process's GPU training bit-reproducible (``run.deterministic``): deterministic kernels where torch
-    has a choice (e.g. ``index_add`` sums without atomics) and a fixed cuBLAS workspace. k15sys's own Triton
-    kernels use no atomics, so they are deterministic either way. Torch's NaN-filling of every new uninitialised
-    tensor (on by default with deterministic algorithms, a guard against kernels that read memory they never wrote)
-    is turned off: it adds a kernel launch per allocation, which dominates small models' steps."""
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(True)
-    torch.utils.deterministic.fill_uninitialized_memory = False
 
 
 class Trainer:
