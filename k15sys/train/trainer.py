@@ -22,6 +22,7 @@ import functools
 import math
 import os
 import shutil
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -231,7 +232,10 @@ class Trainer:
             self.stage = "sft"
             self.sft()
             self.stage = "rl"
-            self._eval_row(extra={"stage": "sft"})
+            row = {"iteration": self.iteration, "stage": "sft", **self._evaluate()}
+            self.metrics.log(row)
+            if self.cfg.run.progress and self.rank == 0:
+                print(f"k15: SFT model: held-out pass@1 {row['eval/pass@1']:.3f}", file=sys.stderr, flush=True)
             self.save()
         cfg = self.cfg.rl
         bar = _progress(range(self.iteration, cfg.iterations), self.cfg.run.progress and self.rank == 0,
@@ -477,9 +481,6 @@ class Trainer:
         row = dist_utils.broadcast_object(row)
         row["time/eval_s"] = time.perf_counter() - t0
         return row
-
-    def _eval_row(self, extra: dict[str, Any]) -> None:
-        self.metrics.log({"iteration": self.iteration, **extra, **self._evaluate()})
 
     def state_dict(self) -> dict[str, Any]:
         return {
