@@ -66,8 +66,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise KeyboardInterrupt
         trainer.request_stop()
         stopped_by.append(signum)
-        print(f"k15: {signal.Signals(signum).name}: stopping after this iteration with a checkpoint "
-              "(send it again to abort)", file=sys.stderr)
+        print(f"k15: {signal.Signals(signum).name}: stopping after this {'SFT step' if trainer.stage == 'sft' else 'iteration'} "
+              "with a checkpoint (send it again to abort)", file=sys.stderr)
 
     handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -82,7 +82,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         distributed.shutdown(barrier=finished)
     code = 128 + stopped_by[0] if stopped_by else 0
     if stopped_by:
-        print(f"k15: stopped at iteration {trainer.iteration}, checkpoint saved; continue with "
+        where = (f"SFT step {trainer.warmup.step} of {cfg.sft.steps}" if trainer.stage == "sft" and trainer.warmup
+                 else f"iteration {trainer.iteration}")
+        print(f"k15: stopped at {where}, checkpoint saved; continue with "
               f"k15 train --output-dir {cfg.run.output_dir} --resume", file=sys.stderr)
     elif distributed.rank_and_world()[0] == 0:
         print(_summary(Path(cfg.run.output_dir), trainer), file=sys.stderr)

@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from k15sys.train.checkpoint import latest_checkpoint, load_checkpoint
@@ -91,3 +92,53 @@ def test_first_sigint_checkpoints_the_iteration_and_stops_then_resume_continues(
                               "--output-dir", str(run), "--resume"], capture_output=True, text=True, timeout=240)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert [r["iteration"] for r in read_metrics(run / "metrics.jsonl")] == list(range(stopped + 3))
+
+
+def test_stop_during_sft_checkpoints_the_warm_up_and_resume_ends_as_uninterrupted(tmp_path):
+    """A stop request during the SFT warm-up (Ctrl-C, preemption) ends it at a step boundary with a checkpoint of
+    its progress (step, AdamW state, trace RNG); --resume runs the remaining steps, and the run (weights and
+    metrics) equals one that was never stopped."""
+    from k15sys.train.config import load_config
+    from k15sys.train.trainer import Trainer
+
+    opts = [*TINY, "sft.steps=12", "rl.iterations=2"]
+    plain = Trainer(load_config(None, [*opts, f"run.output_dir={tmp_path / 'plain'}"]))
+    plain.run()
+    cfg = load_config(None, [*opts, f"run.output_dir={tmp_path / 'stopped'}"])
+    first = Trainer(cfg)
+    scalar = first.metrics.scalar
+
+    def stop_at_step_5(key, value, step):
+        scalar(key, value, step)
+        if step == 5:
+            first.request_stop()
+
+    first.metrics.scalar = stop_at_step_5
+    first.run()
+    state = load_checkpoint(latest_checkpoint(tmp_path / "stopped" / "checkpoints"))
+    assert state["stage"] == "sft" and state["sft"]["step"] == 5 and state["iteration"] == 0
+    assert not (tmp_path / "stopped" / "metrics.jsonl").exists() or not read_metrics(tmp_path / "stopped" / "metrics.jsonl")
+    resumed = Trainer(cfg)
+    resumed.run(resume=True)
+    assert _comparable(read_metrics(tmp_path / "stopped" / "metrics.jsonl")) == _comparable(
+        read_metrics(tmp_path / "plain" / "metrics.jsonl"))
+    for (name, a), b in zip(plain.policy.lm.state_dict().items(), resumed.policy.lm.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert load_checkpoint(latest_checkpoint(tmp_path / "stopped" / "checkpoints"))["sft"] is None  # RL-stage checkpoints
+    # a crash (here an exception) during the warm-up: with sft.checkpoint_every=4 the resume starts from step 4
+    crash_cfg = load_config(None, [*opts, "sft.checkpoint_every=4", f"run.output_dir={tmp_path / 'crashed'}"])
+    crashing = Trainer(crash_cfg)
+
+    def crash_at_step_6(key, value, step):
+        if step == 6:
+            raise RuntimeError("simulated crash")
+
+    crashing.metrics.scalar = crash_at_step_6
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        crashing.run()
+    assert load_checkpoint(latest_checkpoint(tmp_path / "crashed" / "checkpoints"))["sft"]["step"] == 4
+    crashing.close()
+    again = Trainer(crash_cfg)
+    again.run(resume=True)
+    for (name, a), b in zip(plain.policy.lm.state_dict().items(), again.policy.lm.state_dict().values()):
+        assert torch.equal(a, b), name

@@ -65,6 +65,8 @@ class SFTConfig:
     warmup_steps: int = _opt(20, "learning-rate warm-up steps", min=0)
     weight_decay: float = _opt(0.0, "AdamW weight decay", min=0.0)
     long_cot: bool = _opt(True, "train on long-CoT traces (with checks); false = short traces")
+    checkpoint_every: int = _opt(0, "also checkpoint the warm-up every this many steps, so a crash loses less of it "
+                                 "(0 = only when stopped by SIGINT/SIGTERM); --resume continues from the step", min=0)
     max_ops: int = _opt(0, "warm-up set: only the training problems with at most this many operations (0 = all); RL and "
                         "evaluation still cover task.min_ops..task.max_ops (docs/main_job.md: RL does not extend the "
                         "model to longer chains than the warm-up showed)", min=0)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 
@@ -66,36 +67,51 @@ def lr_factor(step: int, total: int, warmup: int) -> float:
     return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, frac)))
 
 
-def sft_steps(
-    policy: PackedPolicy,
-    problems: Sequence[Problem],
-    tokenizer: CharTokenizer,
-    cfg: SFTConfig,
-    *,
-    verify_prob: float,
-    seed: int,
-    direct_prob: float = 0.0,
-    mistake_prob: float = 0.0,
-    row_tokens: int = 0,
-) -> Iterator[dict[str, float]]:
-    """Run ``cfg.steps`` SFT steps, yielding ``{"sft/loss", "sft/lr", "sft/tokens"}`` after each."""
-    if not problems:
-        raise ValueError("problems: empty SFT set")
-    rng = random.Random(seed)
-    opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
-    policy.train()
-    for step in range(cfg.steps):
-        lr = cfg.lr * lr_factor(step, cfg.steps, cfg.warmup_steps)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        seqs, plens, targets = sft_examples(problems, tokenizer, rng=rng, verify_prob=verify_prob if cfg.long_cot else 0.0,
-                                   n=cfg.batch_size, direct_prob=direct_prob,
-                                   mistake_prob=mistake_prob if cfg.long_cot else 0.0)
-        out = policy(pack(seqs, plens, row_tokens=row_tokens, pad_id=tokenizer.pad_token_id, targets=targets))
-        loss = -out.seq_logp.sum() / out.num_tokens.sum()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
-        opt.step()
-        yield {"sft/step": step + 1, "sft/loss": float(loss.detach()), "sft/lr": lr, "sft/tokens": float(out.num_tokens.sum())}
-    opt.zero_grad(set_to_none=True)  # the RL stage starts without the warm-up's gradients in memory
+class WarmUp:
+    """``cfg.steps`` SFT steps on ``problems`` (paper 2.3.1), resumable: iterate to run the remaining steps
+    (each yields ``{"sft/step", "sft/loss", "sft/lr", "sft/tokens"}``); :meth:`state_dict` after any step holds
+    what decides the next one (step, AdamW state, the trace sampler's RNG), so a run stopped mid-way and
+    resumed from it ends with the same weights as an uninterrupted one."""
+
+    def __init__(self, policy: PackedPolicy, problems: Sequence[Problem], tokenizer: CharTokenizer, cfg: SFTConfig,
+                 *, verify_prob: float, seed: int, direct_prob: float = 0.0, mistake_prob: float = 0.0,
+                 row_tokens: int = 0) -> None:
+        if not problems:
+            raise ValueError("problems: empty SFT set")
+        self.policy, self.problems, self.tokenizer, self.cfg = policy, problems, tokenizer, cfg
+        long_cot = cfg.long_cot
+        self.verify_prob, self.mistake_prob = (verify_prob, mistake_prob) if long_cot else (0.0, 0.0)
+        self.direct_prob, self.row_tokens = direct_prob, row_tokens
+        self.rng = random.Random(seed)
+        self.opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
+        self.step = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "optimizer": self.opt.state_dict(), "rng": self.rng.getstate()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step = state["step"]
+        self.opt.load_state_dict(state["optimizer"])
+        self.rng.setstate(state["rng"])
+
+    def __iter__(self) -> Iterator[dict[str, float]]:
+        cfg = self.cfg
+        self.policy.train()
+        while self.step < cfg.steps:
+            lr = cfg.lr * lr_factor(self.step, cfg.steps, cfg.warmup_steps)
+            for group in self.opt.param_groups:
+                group["lr"] = lr
+            seqs, plens, targets = sft_examples(self.problems, self.tokenizer, rng=self.rng, verify_prob=self.verify_prob,
+                                                n=cfg.batch_size, direct_prob=self.direct_prob,
+                                                mistake_prob=self.mistake_prob)
+            out = self.policy(pack(seqs, plens, row_tokens=self.row_tokens, pad_id=self.tokenizer.pad_token_id,
+                                   targets=targets))
+            loss = -out.seq_logp.sum() / out.num_tokens.sum()
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.policy.parameters(), 1.0)
+            self.opt.step()
+            self.step += 1
+            yield {"sft/step": self.step, "sft/loss": float(loss.detach()), "sft/lr": lr,
+                   "sft/tokens": float(out.num_tokens.sum())}
+        self.opt.zero_grad(set_to_none=True)  # the RL stage starts without the warm-up's gradients in memory

@@ -46,7 +46,7 @@ from k15sys.train.metrics import MetricsLog
 from k15sys.train.model import build_model
 from k15sys.train.packing import pack
 from k15sys.train.policy import PackedPolicy
-from k15sys.train.sft import sft_steps, warmup_problems
+from k15sys.train.sft import WarmUp, warmup_problems
 from k15sys.weights import push_weights
 
 
@@ -197,6 +197,11 @@ class Trainer:
             self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=cfg.rl.lr, betas=(0.9, 0.98), weight_decay=0.0)
         # hybrid deployment: the trainer's memory (plain or FSDP2-sharded) goes to the host while the engine generates
         self.offload = TrainerOffload(self.policy, self.optimizer, self.device)
+        c = cfg
+        self.warmup: WarmUp | None = WarmUp(
+            self.policy, warmup_problems(self.splits.train, c.sft.max_ops), tok, c.sft, verify_prob=c.task.verify_prob,
+            direct_prob=c.task.direct_prob, mistake_prob=c.task.mistake_prob, seed=c.run.seed,
+            row_tokens=c.run.pack_row_tokens)
         self.prompts = [tok.encode(p.prompt, bos=True) for p in self.splits.train]
         self.scheduler = PartialRolloutScheduler(
             self.engine, self._make_sampler(), self.prompts,
@@ -222,15 +227,20 @@ class Trainer:
         """SFT warm-up + its evaluation row, then RL iterations until ``rl.iterations`` or ``rl.max_minutes``.
 
         A fresh start (``resume`` False) refuses a directory that already holds a run, so a repeated command
-        cannot mix two runs' metrics or replace their checkpoints; ``resume`` with no checkpoint yet (a run
-        stopped during SFT) starts over, dropping the stopped attempt's rows.
+        cannot mix two runs' metrics or replace their checkpoints. A stop request during the warm-up checkpoints
+        its progress (also every ``sft.checkpoint_every`` steps), and ``resume`` runs the remaining steps;
+        ``resume`` with no checkpoint yet (a crash early in SFT) starts over, dropping the attempt's rows.
         """
         if not resume:
             check_no_previous_run(self.out)
         if not (resume and self._resume()):
             self.metrics.truncate(-1)
             self.stage = "sft"
-            self.sft()
+        if self.stage == "sft":
+            if not self.sft():  # stopped by request_stop: the warm-up's progress is in the checkpoint
+                self.save()
+                self.close()
+                return
             self.stage = "rl"
             row = {"iteration": self.iteration, "stage": "sft", **self._evaluate()}
             self.metrics.log(row)
@@ -240,7 +250,7 @@ class Trainer:
         cfg = self.cfg.rl
         bar = _progress(range(self.iteration, cfg.iterations), self.cfg.run.progress and self.rank == 0,
                         desc="rl", initial=self.iteration, total=cfg.iterations)
-        stop = self._stop_agreed()  # asked during SFT
+        stop = self._stop_agreed()  # asked during the SFT evaluation
         shown: dict[str, float | None] = {}
         for _ in bar:
             if stop or (cfg.max_minutes and self.rl_seconds >= 60.0 * cfg.max_minutes):
@@ -285,20 +295,26 @@ class Trainer:
         if isinstance(self.engine, RemoteEngine):
             self.engine.close()
 
-    def sft(self) -> None:
-        """Long-CoT warm-up (paper 2.3.1) on the training problems; then the engine gets the weights."""
+    def sft(self) -> bool:
+        """Long-CoT warm-up (paper 2.3.1) on the training problems (the remaining steps, after a resume); then
+        the engine gets the weights. Returns False if :meth:`request_stop` ended it early (at a step boundary
+        agreed by all ranks; :meth:`save` then keeps its progress)."""
         with intra_op_threads(self.cfg.run.threads):
-            self._sft()
+            return self._sft()
 
-    def _sft(self) -> None:
-        c = self.cfg
-        warmup = warmup_problems(self.splits.train, c.sft.max_ops)
-        steps = sft_steps(self.policy, warmup, self.tokenizer, c.sft, verify_prob=c.task.verify_prob,
-                          direct_prob=c.task.direct_prob, mistake_prob=c.task.mistake_prob, seed=c.run.seed,
-                          row_tokens=c.run.pack_row_tokens)
-        for row in _progress(steps, c.run.progress and self.rank == 0, desc="sft", total=c.sft.steps):
+    def _sft(self) -> bool:
+        c, w = self.cfg, self.warmup
+        if w is None:
+            raise RuntimeError("sft: the warm-up already ran")
+        for row in _progress(w, c.run.progress and self.rank == 0, desc="sft", initial=w.step, total=c.sft.steps):
             self.metrics.scalar("sft/loss", row["sft/loss"], int(row["sft/step"]))
+            if w.step < c.sft.steps and self._stop_agreed():
+                return False
+            if c.sft.checkpoint_every and w.step % c.sft.checkpoint_every == 0 and w.step < c.sft.steps:
+                self.save()
+        self.warmup = None  # its AdamW moments are not needed by RL
         self.sync_weights()
+        return True
 
     def rl_iteration(self) -> dict[str, float]:
         """One k1.5 RL iteration; returns its metrics row. Training runs on ``run.threads`` torch threads and
@@ -493,6 +509,7 @@ class Trainer:
             "rng": dist_utils.all_gather_objects(rng_state()),
             "config": to_dict(self.cfg),
             "world_size": self.world,
+            "sft": self.warmup.state_dict() if self.stage == "sft" and self.warmup else None,  # stopped mid-way
         }
 
     def save(self) -> None:
@@ -513,6 +530,8 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"][self.rank])
         set_rng_state(state["rng"][self.rank])
         self.iteration, self.stage, self.rl_seconds = state["iteration"], state["stage"], state["rl_seconds"]
+        if state.get("sft"):
+            self.warmup.load_state_dict(state["sft"])
         self.metrics.truncate(self.iteration)
         self.sync_weights()
         return True
