@@ -3,6 +3,8 @@
 Each step draws ``batch_size`` training problems, writes a fresh solution trace for each (long-CoT
 traces re-check steps at random, so the model sees varied lengths), packs them without padding and
 minimises the mean negative log-likelihood of the response tokens (``k15sys.ops.fused_logprobs``).
+:class:`WarmUp` runs the steps and can be checkpointed between any two of them; :func:`warmup_problems`
+chooses the warm-up set.
 """
 from __future__ import annotations
 
