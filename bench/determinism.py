@@ -3,8 +3,8 @@
 For each mode (default, deterministic) the main job is run twice from the same config: SFT, then
 ``--iterations`` RL iterations (paper 2.3-2.6). A pair is reproducible when every iteration's loss, grad norm,
 KL and entropy and the final weights are bit-identical. The time per RL iteration, rollout and training phase
-(medians over both runs) of the deterministic mode is reported relative to the default mode. The two modes alternate (default, det,
-default, det) so load changes on the machine hit both alike. Deterministic mode is process-wide, so each run
+(medians over both runs) of the deterministic mode is reported relative to the default mode. The two modes
+alternate (default, det, default, det) so load changes on the machine hit both alike. Deterministic mode is process-wide, so each run
 is a subprocess.
 
 ``--quick`` runs a tiny model on the CPU (where both modes are reproducible); the full case runs the main

@@ -66,8 +66,9 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise KeyboardInterrupt
         trainer.request_stop()
         stopped_by.append(signum)
-        print(f"k15: {signal.Signals(signum).name}: stopping after this {'SFT step' if trainer.stage == 'sft' else 'iteration'} "
-              "with a checkpoint (send it again to abort)", file=sys.stderr)
+        unit = "SFT step" if trainer.stage == "sft" else "iteration"
+        print(f"k15: {signal.Signals(signum).name}: stopping after this {unit} with a checkpoint "
+              "(send it again to abort)", file=sys.stderr)
 
     handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:

@@ -197,11 +197,10 @@ class Trainer:
             self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=cfg.rl.lr, betas=(0.9, 0.98), weight_decay=0.0)
         # hybrid deployment: the trainer's memory (plain or FSDP2-sharded) goes to the host while the engine generates
         self.offload = TrainerOffload(self.policy, self.optimizer, self.device)
-        c = cfg
         self.warmup: WarmUp | None = WarmUp(
-            self.policy, warmup_problems(self.splits.train, c.sft.max_ops), tok, c.sft, verify_prob=c.task.verify_prob,
-            direct_prob=c.task.direct_prob, mistake_prob=c.task.mistake_prob, seed=c.run.seed,
-            row_tokens=c.run.pack_row_tokens)
+            self.policy, warmup_problems(self.splits.train, cfg.sft.max_ops), tok, cfg.sft,
+            verify_prob=cfg.task.verify_prob, direct_prob=cfg.task.direct_prob, mistake_prob=cfg.task.mistake_prob,
+            seed=cfg.run.seed, row_tokens=cfg.run.pack_row_tokens)
         self.prompts = [tok.encode(p.prompt, bos=True) for p in self.splits.train]
         self.scheduler = PartialRolloutScheduler(
             self.engine, self._make_sampler(), self.prompts,
