@@ -239,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plot", help="render PNG curves from a run's metrics.jsonl")
     p.add_argument("run_dir")
     p.add_argument("--out", default=None, help="PNG path (default: RUN_DIR/curves.png)")
-    p.add_argument("--keys", nargs="*", default=None, help="metrics to plot (default: pass@1, reward, length, KL)")
+    p.add_argument("--keys", nargs="*", default=None, help="metrics to plot (default: pass@1, share of direct answers, accuracy, length, KL, entropy, time)")
     p.set_defaults(func=cmd_plot)
     return parser
 

@@ -135,6 +135,8 @@ def test_tokenizer_rejects_unknown_characters():
 
 def test_config_yaml_default_overrides_and_errors(tmp_path):
     assert load_config("configs/default.yaml") == Config()
+    long_cot = load_config("configs/long_cot_only.yaml")  # a partial file: the rest comes from the defaults
+    assert (long_cot.task.direct_prob, long_cot.sft.steps) == (0.0, 525) and long_cot.rl == Config().rl
     cfg = load_config("configs/default.yaml", ["rl.lr=1e-4", "rl.sampler=prioritized"])
     assert cfg.rl.lr == 1e-4 and cfg.rl.sampler == "prioritized"
     for bad, key in [("rl.nope=1", "rl.nope"), ("rl.group_size=0", "rl.group_size"), ("rl.lr=fast", "rl.lr"),

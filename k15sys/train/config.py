@@ -38,7 +38,9 @@ class TaskConfig:
     mistake_prob: float = _opt(0.0, "long-CoT traces: share of checked steps first written wrong, exposed by the "
                                "check and redone after '?' (self-correction); SFT trains on the check and the "
                                "redo, not on the slip", min=0.0)
-    direct_prob: float = _opt(0.0, "SFT data: share of direct answers (the boxed answer, no working) mixed in", min=0.0)
+    direct_prob: float = _opt(0.35, "SFT data: share of direct answers (the boxed answer, no working) mixed in, as in "
+                              "warm-up data of mixed styles; RL then learns that working first pays (eval/direct_share; "
+                              "docs/main_job.md)", min=0.0)
 
 
 @dataclass
@@ -58,7 +60,7 @@ class ModelConfig:
 class SFTConfig:
     """Long-CoT supervised warm-up (paper 2.3.1) before RL."""
 
-    steps: int = _opt(525, "optimizer steps (short on purpose: the model knows the format and most steps, RL has room "
+    steps: int = _opt(700, "optimizer steps (a light warm-up: the model knows the format and most steps, RL has room "
                       "to sharpen it; see docs/main_job.md for weaker and stronger starts)", min=0)
     batch_size: int = _opt(64, "sequences per step", min=1)
     lr: float = _opt(3e-3, "peak AdamW learning rate (linear warm-up, cosine decay)", min=0.0)

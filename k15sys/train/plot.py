@@ -6,7 +6,7 @@ from pathlib import Path
 
 from k15sys.train.metrics import read_metrics
 
-DEFAULT_KEYS = ("eval/pass@1", "rl/accuracy", "rl/response_len", "rl/kl_ref", "rl/entropy", "time/iteration_s")
+DEFAULT_KEYS = ("eval/pass@1", "eval/direct_share", "rl/accuracy", "rl/response_len", "rl/kl_ref", "rl/entropy", "time/iteration_s")
 
 
 def plot_run(run_dir: str | Path, out: str | Path | None = None, *, keys: Sequence[str] | None = None) -> Path:
