@@ -133,6 +133,11 @@ def test_tokenizer_rejects_unknown_characters():
         CharTokenizer().encode("1+x")
 
 
+def test_tokenizer_boxed_is_one_token():
+    tok = CharTokenizer()
+    assert tok.encode("\\boxed{7}")[0] == tok.boxed_token_id not in tok.encode("0123456789+-=")
+
+
 def test_config_yaml_default_overrides_and_errors(tmp_path):
     assert load_config("configs/default.yaml") == Config()
     long_cot = load_config("configs/long_cot_only.yaml")  # a partial file: the rest comes from the defaults

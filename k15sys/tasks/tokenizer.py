@@ -22,6 +22,7 @@ class CharTokenizer:
         self.tokens: list[str] = [*SPECIALS, BOXED, *alphabet]
         self._ids = {t: i for i, t in enumerate(self.tokens)}
         self.pad_token_id, self.bos_token_id, self.eos_token_id = 0, 1, 2
+        self.boxed_token_id = self._ids[BOXED]  # opens the answer: a response starting with it has no working
 
     @property
     def vocab_size(self) -> int:

@@ -4,7 +4,7 @@
 temperature for pass@k, unbiased estimator of Chen et al. 2021), scores with ``math_reward`` and also
 reports the mean response length in tokens, which long2short (2.4) trades against accuracy, and the share
 of greedy responses that give the boxed answer with no working (``eval/direct_share``), which shows whether
-RL moves a mixed-style warm-up model toward reasoning first (2.3.1, 3.3: response length grows under RL).
+RL moves a mixed-style warm-up model (2.3.1) toward reasoning first, with longer responses.
 """
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ from typing import Any
 from k15sys.rewards import math_reward
 from k15sys.rollout import SamplingParams
 from k15sys.tasks import CharTokenizer, Problem
-from k15sys.tasks.tokenizer import BOXED
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -60,14 +59,13 @@ def evaluate(
         raise ValueError(f"num_samples: must be >= 1, got {num_samples}")
     stop = (tokenizer.eos_token_id,)
     greedy = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, stop_token_ids=stop, seed=seed)
-    boxed_id = tokenizer.encode(BOXED)[0]
     correct, lengths, direct = [], [], []
     for i in range(0, len(problems), batch_size):
         chunk = problems[i : i + batch_size]
         comps = engine.generate([tokenizer.encode(p.prompt, bos=True) for p in chunk], greedy)
         correct += score(tokenizer, chunk, comps)
         lengths += [len(c.token_ids) for c in comps]
-        direct += [bool(c.token_ids) and c.token_ids[0] == boxed_id for c in comps]
+        direct += [bool(c.token_ids) and c.token_ids[0] == tokenizer.boxed_token_id for c in comps]
     row: dict[str, float] = {
         "eval/pass@1": sum(correct) / len(correct),
         "eval/response_len": sum(lengths) / len(lengths),
