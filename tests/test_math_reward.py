@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import random
+import re
 import threading
 import time
 from pathlib import Path
@@ -38,9 +40,94 @@ def test_extract_answer(text, expected):
     assert extract_answer(text) == expected
 
 
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("所以答案是 42。", "42"),
+        ("答案：４２", "42"),  # full-width colon and digits
+        ("最终答案为 \\frac{1}{2}", "\\frac{1}{2}"),
+        ("故答案为：7", "7"),
+        ("答案是 42，因为 6 乘 7 等于 42", "42"),
+        ("答案应该是 -3", "-3"),
+        ("答えは 42 です", "42"),
+        ("정답은 42입니다", "42"),
+        ("La respuesta es 12.", "12"),
+        ("La réponse est $\\frac{3}{4}$. Voilà.", "\\frac{3}{4}"),
+        ("Die Antwort ist 7.", "7"),
+        ("Die Antwort lautet: 9", "9"),
+        ("A resposta é 10.", "10"),
+        ("La risposta è 8.", "8"),
+        ("Ответ: 15", "15"),
+        ("Ответ равен 3.", "3"),
+        ("The answer is 3. 但是再算一遍，所以答案是 5", "5"),  # the last phrase wins, whatever its language
+        ("这个答案不对，再想想", None),  # "答案" alone states nothing
+    ],
+)
+def test_extract_answer_in_other_languages(text, expected):
+    assert extract_answer(text) == expected
+
+
+def test_multilingual_and_full_width_rewards():
+    assert math_reward("答案是 ４２", "42") == 1.0
+    assert math_reward("所以答案是 41。", "42") == 0.0
+    assert math_reward("Ответ: 1/2", "0.5") == 1.0
+    assert last_number("共 １,２１８ 个") == "1,218"
+    assert normalize_answer("１２３") == "123"
+
+
+ADVERSARIAL = {  # 1 MB each for the brace cases, 300k characters for the others
+    "repeated unclosed boxes": "\\boxed{" * 150_000,
+    "one box, a million opens": "\\boxed{" + "{" * 1_000_000,
+    "one box, balanced inside but unclosed": "\\boxed{" + "{" * 500_000 + "}" * 500_000,
+    "closers then a box": "}" * 1_000_000 + "\\boxed{",
+    "answer phrases": "the answer is " * 10_000 + "答案是" * 50_000,
+    "sentence ends": "answer is " + ". " * 150_000,
+    "boxes with spaces": ("\\boxed" + " " * 100) * 3_000,
+    "full-width digits": "４" * 300_000,
+    "thousands": "1," * 150_000,
+}
+
+
+def test_extraction_is_linear_on_degenerate_text():
+    """Issue 23: repeated unclosed boxes took 11-17 s at 28k characters (quadratic rescans); now linear."""
+    t0 = time.perf_counter()
+    assert extract_answer("\\boxed{" * 4_000) is None  # 28k characters
+    assert time.perf_counter() - t0 < 0.5
+    for name, text in ADVERSARIAL.items():
+        t0 = time.perf_counter()
+        reward = math_reward(text, "1")  # extraction, then the last-number fallback
+        assert time.perf_counter() - t0 < 5.0, name  # 0.3-0.8 s per MB measured on a busy 2-core CPU
+        assert reward == 0.0, name
+    assert extract_answer("{" * 1_000_000 + "\\boxed{7}") == "7"
+
+
+def _last_boxed_by_rescanning(text: str) -> str | None:
+    """Reference: every box from the last, its braces counted forwards (quadratic, small inputs only)."""
+    for start in reversed([m.end() for m in re.finditer(r"\\(?:boxed|fbox)\s*\{", text)]):
+        depth, i = 1, start
+        while i < len(text) and depth:
+            depth += {"{": 1, "}": -1}.get(text[i], 0)
+            i += 1
+        if depth == 0:
+            return text[start : i - 1].strip()
+    return None
+
+
+def test_linear_box_matching_equals_the_forward_rescan():
+    rng = random.Random(0)
+    pieces = ["{", "}", "{{", "}}", "\\boxed{", "\\fbox {", "x", " "]
+    for _ in range(3000):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 24)))
+        assert extract_answer(text) == _last_boxed_by_rescanning(text), text
+
+
 def test_pattern_last_number_and_normalisation():
     assert extract_answer("Final: 7 ... Final: 9", pattern=r"Final:\s*(\d+)") == "9"
     assert extract_answer("ANSWER=5", pattern=r"ANSWER=\d") == "ANSWER=5"
+    with pytest.raises(ValueError, match="pattern: not a valid regular expression"):
+        extract_answer("x", pattern="(unclosed")
+    with pytest.raises(ValueError, match="pattern"):
+        math_reward("x", "1", pattern=3)
     assert last_number("She has 3 apples. A: 1,218.") == "1,218"
     assert last_number("nothing") is None
     assert normalize_answer("$\\dfrac{1}{2}$") == "\\frac{1}{2}"
