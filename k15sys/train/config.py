@@ -54,6 +54,23 @@ class ModelConfig:
     num_kv_heads: int = _opt(2, "key/value heads (GQA); must divide num_heads", min=1)
     max_position_embeddings: int = _opt(256, "longest prompt + response", min=16)
     seed: int = _opt(0, "initialisation seed", min=0)
+    path: str = _opt("", "a transformers causal-LM directory (AutoModelForCausalLM + AutoTokenizer) to train instead of "
+                     "the built-in model; the size options above are then unused; needs data.train "
+                     "(docs/your_model.md)")
+    dtype: str = _opt("auto", "parameter dtype: auto = bfloat16 for model.path on a GPU, else float32",
+                      choices=("auto", "float32", "bfloat16"))
+    gradient_checkpointing: bool = _opt(False, "recompute decoder layers in the backward pass (less activation memory)")
+
+
+@dataclass
+class DataConfig:
+    """Your own problems (JSONL, one per line; docs/your_model.md) instead of the arithmetic task."""
+
+    train: str = _opt("", "RL prompts: math rows {\"prompt\", \"answer\"} or code rows {\"prompt\", \"tests\", "
+                      "\"language\"}, optional \"difficulty\" for the curriculum; needs model.path")
+    eval: str = _opt("", "held-out rows of the same form (greedy pass@1, eval.num_samples for pass@k); needs data.train")
+    code_timeout_s: float = _opt(5.0, "code rows: wall-clock limit per test in the sandbox", min=0.1)
+    sandbox_workers: int = _opt(2, "code rows: sandbox containers that run programs at once", min=1)
 
 
 @dataclass
@@ -69,6 +86,8 @@ class SFTConfig:
     long_cot: bool = _opt(True, "train on long-CoT traces (with checks); false = short traces")
     checkpoint_every: int = _opt(0, "also checkpoint the warm-up every this many steps, so a crash loses less of it "
                                  "(0 = only when stopped by SIGINT/SIGTERM); --resume continues from the step", min=0)
+    data: str = _opt("", "JSONL {\"prompt\", \"response\"} traces for the warm-up of a data.train run (loss on the "
+                     "response tokens); empty = no warm-up there")
     max_ops: int = _opt(0, "warm-up set: only the training problems with at most this many operations (0 = all); RL and "
                         "evaluation still cover task.min_ops..task.max_ops (docs/main_job.md: RL does not extend the "
                         "model to longer chains than the warm-up showed)", min=0)
@@ -179,6 +198,7 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     rl: RLConfig = field(default_factory=RLConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
