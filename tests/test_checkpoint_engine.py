@@ -1,7 +1,9 @@
 """CheckpointEngine over gloo on the CPU: exact bytes, versions, verify, refusals and failures (paper 2.6.3).
 
 Each test spawns 3-4 gloo ranks (8 s group timeout). Receivers use both modes: staged (``load_fn``) and in
-place (``targets``); "nothing applied" is checked byte for byte on the in-place targets.
+place (``targets``); "nothing applied" is checked byte for byte on the in-place targets. The "good" scenario
+runs on torch's default group; the others on a :class:`WeightGroup` of their own, in processes that also hold
+a default group of another size (what a torchrun rank with rollout workers looks like).
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import k15sys.weights.checkpoint_engine as ce
-from k15sys.weights import CheckpointEngine, WeightSyncError, free_port
+from k15sys.weights import CheckpointEngine, WeightGroup, WeightSyncError, free_port
 
 pytestmark = pytest.mark.distributed
 TIMEOUT_S = 8
@@ -48,20 +50,28 @@ def _same(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> bool:
                                              for k in want)
 
 
-def _worker(rank: int, world: int, port: int, out_dir: str, scenario: str) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=TIMEOUT_S))
+def _worker(rank: int, world: int, port: int, out_dir: str, scenario: str, port2: int) -> None:
+    group = None
+    if scenario == "good":
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=TIMEOUT_S))
+    else:  # a default group of 2 ranks beside the weight group of `world` ranks, like torchrun + workers
+        if rank < 2:
+            dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port2}", rank=rank, world_size=2,
+                                    timeout=datetime.timedelta(seconds=TIMEOUT_S))
+        group = WeightGroup.create(rank, world, port=port, timeout_s=TIMEOUT_S)
     sources = [0, 1] if scenario == "multi" else [0]
     parts = range(len(sources))
-    eng = CheckpointEngine(src=sources if len(sources) > 1 else 0, bucket_bytes=4096, verify=scenario in ("good", "src_dies"))
+    eng = CheckpointEngine(group, src=sources if len(sources) > 1 else 0, bucket_bytes=4096,
+                           verify=scenario in ("good", "src_dies"))
     log: dict = {"errors": [], "applied": [], "exact": [], "object_broadcasts": 0}
-    real_object_broadcast = dist.broadcast_object_list
+    real_object_broadcast = eng.group.broadcast_object
 
     def counting_object_broadcast(*args, **kwargs):
         log["object_broadcasts"] += 1
         return real_object_broadcast(*args, **kwargs)
 
-    dist.broadcast_object_list = counting_object_broadcast
+    eng.group.broadcast_object = counting_object_broadcast
     if rank == 0:
         for bad in ([7], [0, 0], list(range(world))):
             try:
@@ -74,18 +84,24 @@ def _worker(rank: int, world: int, port: int, out_dir: str, scenario: str) -> No
     current = {"v": 0}
 
     def load_fn(named):
+        if scenario == "reject" and current["v"] == 3:
+            raise RuntimeError("the engine broke while loading")
         applied[current["v"]] = {n: t.clone() for n, t in named}
         log["applied"].append(current["v"])
 
+    def check_fn(named):
+        if current["v"] == 2:
+            raise ValueError("update_weights: unknown tensor 'p0.ids'")
+
     versions = {"good": [1, 2, 3, 4, 5], "src_dies": [1, 2], "receiver_dies": [1, 2], "multi": [1, 2],
-                "grow": [1, 2, 3, 4]}[scenario]
+                "grow": [1, 2, 3, 4], "reject": [1, 2, 3, 4]}[scenario]
     for v in versions:
         current["v"] = v
         if scenario == "receiver_dies" and v == 2 and rank == 2:
             os._exit(0)  # a receiver dies before version 2
         if scenario == "src_dies" and v == 2 and rank == 0:
             sent = {"n": 0}
-            real = dist.broadcast
+            real = eng.group.broadcast
 
             def dying_broadcast(*args, **kwargs):
                 if not kwargs.get("async_op"):  # the header's (version, digest) tensor: not a bucket
@@ -98,7 +114,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str, scenario: str) -> No
                 work.wait()
                 return work
 
-            dist.broadcast = dying_broadcast
+            eng.group.broadcast = dying_broadcast
         if scenario == "good" and v == 4 and rank == 2:
             real_digest, seen = ce._digest, {"n": 0}
 
@@ -124,7 +140,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str, scenario: str) -> No
                 log["applied"].append(v)
                 log["exact"].append(_same(tg, {k: t for p in parts for k, t in _sent(scenario, v, p).items()}))
             else:
-                eng.update(v, load_fn=load_fn)
+                eng.update(v, load_fn=load_fn, check_fn=check_fn if scenario == "reject" else None)
                 log["exact"].append(_same(applied[v], {k: t for p in parts for k, t in _sent(scenario, v, p).items()}))
         except WeightSyncError as e:
             log["errors"].append({"version": v, "msg": str(e)[:300], "seconds": time.monotonic() - t0})
@@ -143,14 +159,14 @@ def _worker(rank: int, world: int, port: int, out_dir: str, scenario: str) -> No
                 log.setdefault("bad_calls", []).append(str(e).split(":")[0])
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(log, f)
-    if scenario in ("good", "multi", "grow"):
+    if scenario in ("good", "multi", "grow") and dist.is_initialized():
         dist.destroy_process_group()
 
 
 def _run(tmp_path, scenario: str, world: int = 3) -> list[dict | None]:
     ctx = mp.get_context("spawn")
-    port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, str(tmp_path), scenario)) for r in range(world)]
+    port, port2 = free_port(), free_port()
+    procs = [ctx.Process(target=_worker, args=(r, world, port, str(tmp_path), scenario, port2)) for r in range(world)]
     for p in procs:
         p.start()
     for p in procs:
@@ -221,6 +237,22 @@ def test_several_sources_each_send_their_own_tensors(tmp_path):
         assert log["errors"] == [] and log["version"] == 2
     for log in logs[2:]:  # rank 2 staged, rank 3 in place: both get the union of both sources' tensors
         assert log["exact"] == [True, True]
+
+
+def test_a_rejected_version_is_applied_nowhere(tmp_path):
+    """v2: the staged receiver's check_fn rejects it before the commit: every rank raises, naming rank 1 and its
+    reason, the in-place receiver's bytes are untouched and load_fn never runs. v3: load_fn fails after the
+    commit: every rank raises, naming rank 1; the in-place receiver restores its bytes. v1 and v4 apply."""
+    logs = _run(tmp_path, "reject")
+    for log in logs:
+        assert [e["version"] for e in log["errors"]] == [2, 3], log["errors"]
+        assert log["version"] == 4
+        rejected, failed = (e["msg"] for e in log["errors"])
+        assert "version 2 not applied: rank 1: check_fn: ValueError: update_weights: unknown tensor" in rejected
+        assert "version 3 failed after the commit" in failed and "rank 1: load_fn: RuntimeError" in failed
+    assert logs[1]["applied"] == [1, 4] and logs[1]["exact"] == [True, True]
+    assert logs[2]["applied"] == [1, 4] and logs[2]["exact"] == [True, True]
+    assert logs[2]["untouched"] == [True, True]
 
 
 def _ipc_worker(rank: int, port: int, out_dir: str) -> None:

@@ -8,15 +8,20 @@ One call per weight version, on every rank of a ``torch.distributed`` group (NCC
   straight from pinned memory) while bucket i is in flight;
 * receivers take a version in one of two ways, both all-or-nothing:
 
-  - staged (``load_fn``): every bucket lands in fresh staging memory; after a unanimous commit vote the
+  - staged (``load_fn``): every bucket lands in fresh staging memory; ``check_fn`` (if given) sees the tensors
+    before the commit vote and may reject the version (it raises: no rank applies it, every rank raises
+    :class:`WeightSyncError` naming the rejecting rank and its reason); after a unanimous commit vote the
     tensors (views of the staging buckets, owned by the receiver from then on, never reused by the engine)
-    go to ``load_fn`` -- e.g. a vLLM model's ``load_weights`` or ``TorchEngine.update_weights``;
+    go to ``load_fn`` -- e.g. a vLLM model's ``load_weights`` or ``TorchEngine.update_weights``. A ``load_fn``
+    that still fails after the commit is reported on every rank (in-place receivers restore their bytes);
   - in place (``targets``: the receiver's own tensors by name, e.g. vLLM's parameters, which carry the names
     of :meth:`ModelLayout.vllm`): bucket i is unpacked into the targets while bucket i+1 is in flight, after
     saving the old bytes in a backup; a failed vote or transfer restores them. No copy after the vote;
 
 * a dead peer, a timeout (the process group's) or a bad checksum (``verify=True``) raises
   :class:`WeightSyncError` on every live rank, and no rank keeps any byte of that version;
+* the group: a :class:`~k15sys.weights.group.WeightGroup` of its own (rollout worker processes beside a
+  torchrun job), or a torch group (the default world when None) whose ``src`` ranks are global ranks;
 * colocated mode (``colocated=True``, trainer and engine processes on the same GPU): no bytes move; sources
   send CUDA IPC handles of their tensors and receivers hand zero-copy views to ``load_fn``. Sources wait
   until every receiver has loaded before they return (their memory must stay untouched until then).
@@ -25,25 +30,18 @@ from __future__ import annotations
 
 import hashlib
 import pickle
-import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from k15sys.weights.group import WeightGroup
 from k15sys.weights.hostcopy import copy_bytes, default_copy_threads
 
 LoadFn = Callable[[list[tuple[str, torch.Tensor]]], None]
 _CHECKSUM_CHUNK = 1 << 24  # int32 words per device checksum step (64 MiB)
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port free on ``host`` now, for the ``tcp://`` rendezvous of a process group that the engine's ranks
-    (or :class:`k15sys.rollout.RemoteEngine`'s workers) join."""
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 class WeightSyncError(RuntimeError):
@@ -107,6 +105,12 @@ def _resolve(digests: list[str | torch.Tensor]) -> list[str | list[int]]:
 def _bytes(t: torch.Tensor) -> torch.Tensor:
     """The tensor's bytes as a flat uint8 view (a contiguous copy first if it is strided)."""
     return t.detach().contiguous().reshape(-1).view(torch.uint8)
+
+
+def _views(staged: list[tuple[_Entry, torch.Tensor]]) -> list[tuple[str, torch.Tensor]]:
+    """(name, tensor) views of the staged buckets."""
+    return [(e.name, buf[e.offset : e.offset + e.nbytes].view(getattr(torch, e.dtype)).view(e.shape))
+            for e, buf in staged]
 
 
 def _by_bucket(entries: list[_Entry]) -> dict[int, list[_Entry]]:
@@ -175,8 +179,9 @@ class CheckpointEngine:
     """Versioned, bucketed, pipelined broadcast of named tensors from the source rank(s) to every other rank.
 
     Args:
-        group: the process group (default: the world).
-        src: global rank, or ranks, holding the new weights; with several, each sends its own tensors
+        group: a :class:`~k15sys.weights.group.WeightGroup` (a group of its own: ``src`` are its ranks), or a
+            torch process group (default: the world; ``src`` are global ranks).
+        src: rank, or ranks, holding the new weights; with several, each sends its own tensors
             (names must be distinct) and receivers get the union.
         bucket_bytes: bucket size.
         device: where buckets travel (``cuda`` for NCCL, ``cpu`` for gloo); default from the backend.
@@ -185,27 +190,26 @@ class CheckpointEngine:
             that the receivers can open, i.e. the same GPU or peer-accessible ones).
         copy_threads: threads of the host copies (packing, in-place unpacking); default half the cores.
 
-    Failures are bounded by the process group's timeout (``init_process_group(timeout=...)``).
+    Failures are bounded by the group's timeout (``WeightGroup.create(timeout_s=...)``,
+    ``init_process_group(timeout=...)``).
     """
 
-    def __init__(self, group: dist.ProcessGroup | None = None, *, src: int | Sequence[int] = 0,
+    def __init__(self, group: WeightGroup | dist.ProcessGroup | None = None, *, src: int | Sequence[int] = 0,
                  bucket_bytes: int = 256 << 20, device: str | torch.device | None = None, verify: bool = False,
                  colocated: bool = False, copy_threads: int | None = None) -> None:
-        if not dist.is_initialized():
-            raise ValueError("group: torch.distributed is not initialised (call init_process_group first)")
         if not isinstance(bucket_bytes, int) or bucket_bytes < 1 << 10:
             raise ValueError(f"bucket_bytes: must be an int >= 1024, got {bucket_bytes!r}")
+        self.group = group if isinstance(group, WeightGroup) else WeightGroup.wrap(group)
+        names = self.group.global_ranks or list(range(self.group.size))  # how the caller names the ranks
         sources = [src] if isinstance(src, int) else list(src)
-        ranks = set(dist.get_process_group_ranks(group)) if group is not None else set(range(dist.get_world_size()))
-        if not sources or len(set(sources)) != len(sources) or not set(sources) <= ranks or set(sources) == ranks:
+        if not sources or len(set(sources)) != len(sources) or not set(sources) <= set(names) \
+                or len(sources) == len(names):
             raise ValueError(f"src: must be distinct ranks of the group leaving at least one receiver, got {src!r}")
-        self.group = group
-        self.sources = sources
+        self.sources = [names.index(s) for s in sources]  # ranks of the group from here on
         self.bucket_bytes = bucket_bytes
         self.verify = verify
-        backend = dist.get_backend(group)
-        self.device = torch.device(device if device is not None else ("cuda" if backend == "nccl" else "cpu"))
-        self.rank = dist.get_rank()
+        self.device = torch.device(device) if device is not None else self.group.device
+        self.rank = self.group.rank
         self.colocated = colocated
         self.version = -1  # last version applied on this rank
         self.copy_threads = default_copy_threads() if copy_threads is None else copy_threads
@@ -219,11 +223,18 @@ class CheckpointEngine:
 
     # ------------------------------------------------------------------ one version
     def update(self, version: int, named_tensors: dict[str, torch.Tensor] | None = None,
-               load_fn: LoadFn | None = None, *, targets: dict[str, torch.Tensor] | None = None) -> int:
+               load_fn: LoadFn | None = None, *, targets: dict[str, torch.Tensor] | None = None,
+               check_fn: LoadFn | None = None) -> int:
         """Deliver ``version``. Sources pass ``named_tensors``; receivers pass ``load_fn`` or ``targets``.
 
+        ``check_fn`` (staged receivers): called with the received tensors before the commit vote; raising
+        rejects the version on every rank (validate there what ``load_fn`` would refuse, e.g. unknown names,
+        shapes, dtypes, so that a rejection is all-or-nothing).
+
         Returns the version now applied on this rank. Raises :class:`WeightSyncError` on every live rank
-        if the version could not be delivered; then no rank keeps any of it.
+        if the version could not be delivered or was rejected; then no rank keeps any of it. If ``load_fn``
+        raises after the commit, every rank raises :class:`WeightSyncError` naming that rank (in-place
+        receivers restore their old bytes; staged receivers whose ``load_fn`` returned keep the version).
         """
         is_src = self.rank in self.sources
         if is_src:
@@ -234,6 +245,8 @@ class CheckpointEngine:
                 raise ValueError(f"named_tensors: {bad!r} is a {type(named_tensors[bad]).__name__}, not a tensor")
         if not is_src and (load_fn is None) == (targets is None):
             raise ValueError("load_fn/targets: a receiving rank must pass exactly one of them")
+        if check_fn is not None and (is_src or load_fn is None):
+            raise ValueError("check_fn: only a staged receiver (load_fn) checks a version before the commit")
         if not isinstance(version, int) or version <= self.version:
             raise ValueError(f"version: {version!r} is not newer than the applied version {self.version}")
         if self.colocated:
@@ -249,9 +262,7 @@ class CheckpointEngine:
                 if reason is None:
                     sink = _InPlace(targets, self._backup_buffer(sum(e.nbytes for e in entries_all)), self.copy_threads)
             stage = "prepare"
-            if not self._vote(reason is None):
-                why = reason or "a receiver refused the header"
-                raise WeightSyncError(f"weight version {version} refused: {why}")
+            self._agree(version, "refused", reason)
             stage = "buckets"
             digests = []
             for s, (entries, sizes) in zip(self.sources, headers):
@@ -261,31 +272,49 @@ class CheckpointEngine:
                     keep = sink if sink is not None else (None if is_src else staged)
                     digests.append(self._receive(s, entries, sizes, keep))
             stage = "verify"
-            ok = True
+            reason = None
             if self.verify:
                 for i, s in enumerate(self.sources):
-                    sums = [_resolve(digests[i])] if self.rank == s else [None]
-                    dist.broadcast_object_list(sums, src=s, group=self.group)
-                    ok &= self.rank == s or sums[0] == _resolve(digests[i])
+                    theirs = self.group.broadcast_object(_resolve(digests[i]) if self.rank == s else None, s)
+                    if self.rank != s and theirs != _resolve(digests[i]):
+                        reason = reason or f"checksum mismatch on a bucket from source rank {s}"
+            stage = "check"
+            views = [] if is_src or load_fn is None else _views(staged)
+            if check_fn is not None and reason is None:
+                try:
+                    check_fn(views)
+                except Exception as e:  # the receiver rejects the version: nobody applies it
+                    reason = f"check_fn: {type(e).__name__}: {e}"
             stage = "commit"
-            committed = self._vote(ok)
-        except Exception as e:  # dead peer, timeout, transport error: same error on every live rank
+            self._agree(version, "not applied", reason)
+            if self.device.type == "cuda":
+                torch.cuda.current_stream().synchronize()
+            failure = None
+            if load_fn is not None and not is_src:
+                try:
+                    load_fn(views)
+                except Exception as e:
+                    failure = f"load_fn: {type(e).__name__}: {e}"
+            stage = "load"
+            self._agree(version, "failed after the commit (in-place receivers restored their weights; staged "
+                                 "receivers whose load_fn returned hold the version; pass check_fn to reject a "
+                                 "version before the commit)", failure)
+        except Exception as e:  # dead peer, timeout, transport error, refusal: an error on every live rank
             if sink is not None:
                 sink.rollback()
             if isinstance(e, WeightSyncError):
                 raise
             raise WeightSyncError(f"weight version {version} failed during {stage}: {type(e).__name__}: {e}") from e
-        if not committed:
-            if sink is not None:
-                sink.rollback()
-            raise WeightSyncError(f"weight version {version}: checksum mismatch on some rank; nothing applied")
-        if self.device.type == "cuda":
-            torch.cuda.current_stream().synchronize()
-        if load_fn is not None and not is_src:
-            load_fn([(e.name, buf[e.offset : e.offset + e.nbytes].view(getattr(torch, e.dtype)).view(e.shape))
-                     for e, buf in staged])
         self.version = version
         return version
+
+    def _agree(self, version: int, what: str, reason: str | None) -> None:
+        """A vote of every rank; when some rank says no (``reason`` on it), the lowest such rank's reason
+        reaches every rank and each raises the same :class:`WeightSyncError`."""
+        refused = self._vote(reason is None)
+        if refused is not None:
+            why = self.group.broadcast_object(reason, refused)
+            raise WeightSyncError(f"weight version {version} {what}: rank {refused}: {why}")
 
     def _headers(self, version: int,
                  tensors: dict[str, torch.Tensor] | None) -> tuple[list[tuple[list[_Entry], list[int]]], str | None]:
@@ -302,7 +331,7 @@ class CheckpointEngine:
                 self._known[s] = header
                 key = header.key
             meta = torch.tensor([version, *key], dtype=torch.int64, device=self.device)
-            dist.broadcast(meta, src=s, group=self.group)
+            self.group.broadcast(meta, s)
             metas.append(meta)
         reason = None
         got = torch.stack(metas).tolist()
@@ -310,11 +339,9 @@ class CheckpointEngine:
             if v != version:
                 reason = reason or f"source rank {s} sends version {v}, rank {self.rank} expects {version}"
         known = all(s in self._known and list(self._known[s].key) == key for s, (_, *key) in zip(self.sources, got))
-        if not self._vote(known):
+        if self._vote(known) is not None:
             for s in self.sources:
-                msg = [self._known[s]] if self.rank == s else [None]
-                dist.broadcast_object_list(msg, src=s, group=self.group)
-                self._known[s] = msg[0]
+                self._known[s] = self.group.broadcast_object(self._known[s] if self.rank == s else None, s)
         headers = [(self._known[s].entries, self._known[s].sizes) for s in self.sources]
         names = [e.name for entries, _ in headers for e in entries]
         if len(set(names)) != len(names):
@@ -332,10 +359,12 @@ class CheckpointEngine:
             self._own = (signature, _Header(entries, sizes, key))
         return self._own[1]
 
-    def _vote(self, ok: bool) -> bool:
-        flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.group)
-        return int(flag.item()) == 1
+    def _vote(self, ok: bool) -> int | None:
+        """None when every rank says ``ok``, else the lowest rank that does not."""
+        flag = torch.tensor([self.group.size if ok else self.rank], dtype=torch.int64, device=self.device)
+        self.group.all_reduce_min(flag)
+        refused = int(flag.item())
+        return None if refused == self.group.size else refused
 
     def _ring_buffers(self, cap: int) -> list[torch.Tensor]:
         if not self._ring or self._ring[0].numel() < cap or self._ring[0].device.type != self.device.type:
@@ -387,7 +416,7 @@ class CheckpointEngine:
                 h2d_done[i % 2] = ev
             if self.verify:
                 digests.append(_digest(buf))
-            works.append(dist.broadcast(buf, src=src, group=self.group, async_op=True))
+            works.append(self.group.broadcast(buf, src, async_op=True))
         for w in works[-2:]:
             w.wait()
         return digests
@@ -403,7 +432,7 @@ class CheckpointEngine:
         staged = isinstance(keep, list)
         ring = [] if staged else self._ring_buffers(max(sizes))
         bufs: dict[int, torch.Tensor] = {}
-        works: dict[int, dist.Work] = {}
+        works: dict[int, Any] = {}
 
         def post(i: int) -> None:
             if i < len(sizes):
@@ -411,7 +440,7 @@ class CheckpointEngine:
                     bufs[i] = torch.empty(sizes[i], dtype=torch.uint8, device=self.device)
                 else:
                     bufs[i] = ring[i % 2][: sizes[i]]
-                works[i] = dist.broadcast(bufs[i], src=src, group=self.group, async_op=True)
+                works[i] = self.group.broadcast(bufs[i], src, async_op=True)
 
         for i in range(len(sizes) if staged else 2):
             post(i)
@@ -437,15 +466,14 @@ class CheckpointEngine:
         try:
             handles = []
             for s in self.sources:
-                msg: list = [None]
+                msg = None
                 if self.rank == s:
                     for name, t in named_tensors.items():  # type: ignore[union-attr]
                         if not t.is_cuda:
                             raise ValueError(f"named_tensors: colocated mode needs CUDA tensors, {name!r} is on "
                                              f"{t.device}")
-                    msg = [(version, [(n, reduce_tensor(t.detach())) for n, t in named_tensors.items()])]
-                dist.broadcast_object_list(msg, src=s, group=self.group)
-                v, h = msg[0]
+                    msg = (version, [(n, reduce_tensor(t.detach())) for n, t in named_tensors.items()])
+                v, h = self.group.broadcast_object(msg, s)
                 if v != version:
                     raise WeightSyncError(f"weight version {version}: source rank {s} sends version {v}")
                 handles += h
@@ -457,13 +485,13 @@ class CheckpointEngine:
                 except Exception:  # a handle that cannot be opened here: vote no
                     ok = False
             stage = "commit"
-            if not self._vote(ok):
+            if self._vote(ok) is not None:
                 raise WeightSyncError(f"weight version {version}: a receiver could not open the CUDA IPC handles")
             stage = "load"
             if named is not None:
                 load_fn(named)  # type: ignore[misc]
                 torch.cuda.synchronize()
-            dist.barrier(group=self.group)  # the sources' memory may change only after every receiver loaded
+            self.group.barrier()  # the sources' memory may change only after every receiver loaded
         except (WeightSyncError, ValueError):
             raise
         except Exception as e:
