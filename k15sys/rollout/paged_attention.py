@@ -1,0 +1,112 @@
+"""Decode attention over a paged KV cache (the rollout engine's inner loop, paper 2.6.2).
+
+``paged_decode_attention`` attends one query token per sequence to the sequence's cached keys / values,
+read through its block table (see ``k15sys.kernels.paged_attention`` for the layout). Backends:
+``"triton"`` (flash-decoding kernel, CUDA or ``TRITON_INTERPRET=1``), ``"torch"`` (gathers the pages and
+runs plain attention: the CPU path and the reference), ``"auto"`` (triton on CUDA).
+"""
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+import torch
+
+Backend = Literal["auto", "triton", "torch"]
+_LOG2E = 1.4426950408889634
+
+
+def _torch_paged(q, k_cache, v_cache, block_tables, seq_lens, scale):
+    B, HQ, D = q.shape
+    page, HKV = k_cache.shape[1], k_cache.shape[2]
+    width = -(-int(seq_lens.max()) // page)
+    bt = block_tables[:, :width].long()
+    k = k_cache[bt].reshape(B, width * page, HKV, D).float()
+    v = v_cache[bt].reshape(B, width * page, HKV, D).float()
+    qg = q.float().view(B, HKV, HQ // HKV, D)
+    s = torch.einsum("bhgd,bnhd->bhgn", qg, k) * scale
+    pad = torch.arange(width * page, device=q.device)[None, :] >= seq_lens[:, None]
+    s = s.masked_fill(pad[:, None, None, :], float("-inf"))
+    o = torch.einsum("bhgn,bnhd->bhgd", torch.softmax(s, dim=-1), v)
+    return o.reshape(B, HQ, D).to(q.dtype)
+
+
+def default_splits(batch: int, kv_heads: int, device: torch.device) -> int:
+    """Splits of the context per (sequence, kv head): enough programs to fill the GPU about four times."""
+    if device.type != "cuda":
+        return 2
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    want = -(-4 * sms // max(1, batch * kv_heads))
+    return min(16, 1 << max(0, want - 1).bit_length())
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    *,
+    softmax_scale: float | None = None,
+    splits: int | None = None,
+    backend: Backend = "auto",
+) -> torch.Tensor:
+    """Attention of one new token per sequence over its paged context (GQA).
+
+    Args:
+        q: ``[B, Hq, D]``, the query of each sequence's newest token.
+        k_cache, v_cache: ``[num_pages, page_size, Hkv, D]`` with ``Hq % Hkv == 0``.
+        block_tables: int32 ``[B, max_pages]``: the pages of each sequence, in order.
+        seq_lens: int32 ``[B]``: tokens of each sequence in the cache (the new one included), >= 1.
+        softmax_scale: default ``1/sqrt(D)``.
+        splits: context splits per (sequence, kv head) for the triton kernel (a power of two; default
+            from the batch size and the GPU). Checked cheaply: no host sync, so CUDA graphs can capture it.
+        backend: ``"auto"`` | ``"triton"`` | ``"torch"``.
+
+    Returns:
+        ``[B, Hq, D]`` in q's dtype.
+    """
+    if q.dim() != 3 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
+        raise ValueError(f"q/k_cache/v_cache: expected [B, Hq, D] and two equal [pages, page_size, Hkv, D], got "
+                         f"{tuple(q.shape)}, {tuple(k_cache.shape)}, {tuple(v_cache.shape)}")
+    B, HQ, D = q.shape
+    HKV = k_cache.shape[2]
+    if k_cache.stride(3) != 1 or v_cache.stride(3) != 1 or k_cache.stride() != v_cache.stride():
+        raise ValueError("k_cache/v_cache: the head dim must be contiguous and both caches laid out alike")
+    if k_cache.shape[3] != D or HQ % HKV != 0:
+        raise ValueError(f"k_cache: shape {tuple(k_cache.shape)} does not fit q {tuple(q.shape)} (head dim, GQA groups)")
+    if block_tables.dim() != 2 or block_tables.shape[0] != B or seq_lens.shape != (B,):
+        raise ValueError(f"block_tables/seq_lens: expected [B, max_pages] and [B] for B={B}, got "
+                         f"{tuple(block_tables.shape)}, {tuple(seq_lens.shape)}")
+    if backend not in ("auto", "triton", "torch"):
+        raise ValueError(f"backend: expected 'auto', 'triton' or 'torch', got {backend!r}")
+    scale = softmax_scale if softmax_scale is not None else D ** -0.5
+    if backend == "auto":
+        backend = "triton" if q.device.type == "cuda" else "torch"
+    if backend == "torch":
+        return _torch_paged(q, k_cache, v_cache, block_tables, seq_lens, scale)
+    if q.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("backend: 'triton' needs CUDA tensors, or TRITON_INTERPRET=1 for the CPU interpreter")
+    if D & (D - 1) or D < 16:
+        raise ValueError(f"q: head dim {D} must be a power of two >= 16 for the triton backend (or backend='torch')")
+    splits = splits if splits is not None else default_splits(B, HKV, q.device)
+    if splits < 1 or splits & (splits - 1):
+        raise ValueError(f"splits: must be a power of two >= 1, got {splits}")
+    from k15sys.kernels.paged_attention import _combine_kernel, _paged_decode_kernel
+
+    group = HQ // HKV
+    page = k_cache.shape[1]
+    block_n = 64 if q.device.type == "cuda" else 16
+    q = q.contiguous()
+    o_part = torch.empty(B, HQ, splits, D, dtype=torch.float32, device=q.device)
+    lse_part = torch.empty(B, HQ, splits, dtype=torch.float32, device=q.device)
+    _paged_decode_kernel[(B, HKV, splits)](
+        q, k_cache, v_cache, block_tables, seq_lens, o_part, lse_part, scale * _LOG2E,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
+        o_part.stride(0), o_part.stride(1), o_part.stride(2),
+        GROUP=group, GROUP_PAD=max(16, 1 << (group - 1).bit_length()), PAGE=page, BLOCK_N=block_n, D=D,
+        IEEE=q.dtype == torch.float32, num_warps=4, num_stages=2)
+    out = torch.empty_like(q)
+    _combine_kernel[(B * HQ,)](o_part, lse_part, out, o_part.stride(0), o_part.stride(1), o_part.stride(2),
+                               out.stride(0), out.stride(1), HQ, SPLITS=splits, D=D, num_warps=4)
+    return out

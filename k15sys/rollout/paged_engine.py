@@ -1,0 +1,547 @@
+"""A rollout engine with a paged KV cache and continuous batching (paper 2.6.2 at hardware speed).
+
+``PagedEngine`` runs the decoder of a transformers Qwen2 / Qwen3 / Llama causal LM with its own forward,
+calling the model's own submodules (norms, projections, MLPs), so it shares the model's weights and sees
+every in-place update. Around them:
+
+- a KV cache preallocated once as pages of ``page_size`` token slots (``[layers, 2, pages, page_size, Hkv,
+  D]``); each sequence gets the pages of its longest possible length when it is admitted and gives them back
+  as soon as it finishes, so finished sequences make room for waiting ones (continuous batching, bounded by
+  ``max_num_seqs`` and the pages left);
+- prefill of the waiting prompts packed together (``k15sys.ops.varlen_attention``), then decode rounds of
+  ``sync_every`` steps that stay on the device: tokens, positions and cache slots are advanced on the device,
+  and the host looks at the tokens once per round (stop tokens, repeat loops, budgets) -- a sequence that
+  stopped inside a round computes a few throw-away steps instead of forcing a sync per token;
+- decode attention through ``paged_decode_attention`` (a Triton flash-decoding kernel on CUDA); on CUDA each
+  decode step is a CUDA graph, captured once per batch-size bucket;
+- the k samples of one prompt (identical prompts of a call) share its KV pages: the prompt is prefilled
+  once, its full pages are shared (reference-counted) and only the partly filled last page is copied;
+- sampling on the device (temperature, top-k, top-p through :func:`k15sys.rollout.torch_engine._filtered_logprobs`,
+  exponential-race draws from a per-call generator), with the log-prob of each token under the sampling
+  distribution, as :class:`~k15sys.rollout.TorchEngine` reports it.
+
+Other architectures raise a ValueError that points to ``TorchEngine``. One :meth:`PagedEngine.generate`
+runs at a time (calls from several threads queue on a lock).
+"""
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from k15sys.algo.repeat import RepeatDetector
+from k15sys.ops import varlen_attention
+from k15sys.rollout.paged_attention import default_splits, paged_decode_attention
+from k15sys.rollout.torch_engine import TorchEngine, _filtered_logprobs
+from k15sys.rollout.types import Completion, SamplingParams
+
+SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "llama")
+_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
+
+
+class _Decoder:
+    """The transformers model's decoder, run token-packed ([T, hidden]) over a paged KV cache."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        cfg = model.config
+        kind = getattr(cfg, "model_type", type(model).__name__)
+        base = getattr(model, "model", None)
+        if kind not in SUPPORTED_MODEL_TYPES or base is None or not hasattr(base, "layers"):
+            raise ValueError(f"model: PagedEngine runs {', '.join(SUPPORTED_MODEL_TYPES)} decoders, got {kind!r}; "
+                             "use k15sys.rollout.TorchEngine for other architectures")
+        if getattr(cfg, "use_sliding_window", False) or any(
+                t != "full_attention" for t in (getattr(cfg, "layer_types", None) or [])):
+            raise ValueError("model: sliding-window attention is not supported by PagedEngine; use TorchEngine")
+        if getattr(cfg, "hidden_act", "silu") != "silu":
+            raise ValueError(f"model: hidden_act {cfg.hidden_act!r} is not supported by PagedEngine (silu only)")
+        self.model = model
+        self.base = base
+        attn = base.layers[0].self_attn
+        self.num_layers = len(base.layers)
+        self.head_dim = attn.head_dim
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv_heads = cfg.num_key_value_heads
+        self.scale = float(getattr(attn, "scaling", self.head_dim ** -0.5))
+        self.vocab = model.get_output_embeddings().weight.shape[0]
+
+    def rotary_table(self, length: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos / sin of positions 0..length-1 from the model's own rotary module ([length, D], model dtype)."""
+        pos = torch.arange(length, device=device)[None]
+        probe = torch.empty(1, dtype=dtype, device=device)
+        cos, sin = self.base.rotary_emb(probe, pos)
+        return cos[0].contiguous(), sin[0].contiguous()
+
+    def forward(self, ids: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: torch.Tensor, slots: torch.Tensor,
+                attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]) -> torch.Tensor:
+        """Hidden states after the final norm, ``[T, hidden]``. Writes each token's K/V to ``slots`` of the cache
+        ``kv`` ([layers, 2, pages * page_size, Hkv, D] view); ``attend(q, k, v, layer)`` gives the attention output."""
+        T = ids.shape[0]
+        x = self.base.embed_tokens(ids)
+        cos, sin = cos[:, None, :], sin[:, None, :]
+        for i, layer in enumerate(self.base.layers):
+            a = layer.self_attn
+            h = layer.input_layernorm(x)
+            q = a.q_proj(h).view(T, -1, self.head_dim)
+            k = a.k_proj(h).view(T, -1, self.head_dim)
+            v = a.v_proj(h).view(T, -1, self.head_dim)
+            if hasattr(a, "q_norm"):  # Qwen3: per-head RMSNorm before the rotary embedding
+                q, k = a.q_norm(q), a.k_norm(k)
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+            kv[i, 0].index_copy_(0, slots, k)
+            kv[i, 1].index_copy_(0, slots, v)
+            o = attend(q, k, v, i)
+            x = x + a.o_proj(o.reshape(T, -1))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        return self.base.norm(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.get_output_embeddings()(hidden)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+@dataclass
+class _Seq:
+    """One sequence of a call: its pages, what it generated, and why it stopped."""
+
+    index: int  # position in the call's prompts
+    prompt_len: int
+    pages: list[int]
+    budget: int
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    reason: str | None = None
+    detector: RepeatDetector | None = None
+
+    @property
+    def cached(self) -> int:
+        """Tokens whose K/V are in the cache: the prompt and every generated token but the newest."""
+        return self.prompt_len + len(self.tokens) - 1
+
+
+class _PagePool:
+    """Free list and reference counts of the cache pages (page 0 is a scratch page, never handed out)."""
+
+    def __init__(self, num_pages: int) -> None:
+        self.num_pages = num_pages
+        self._free = list(range(num_pages - 1, 0, -1))
+        self._refs = [0] * num_pages
+
+    @property
+    def free(self) -> int:
+        return len(self._free)
+
+    def take(self, n: int) -> list[int]:
+        pages = [self._free.pop() for _ in range(n)]
+        for p in pages:
+            self._refs[p] = 1
+        return pages
+
+    def share(self, pages: list[int]) -> None:
+        for p in pages:
+            self._refs[p] += 1
+
+    def give_back(self, pages: list[int]) -> None:
+        for p in pages:
+            self._refs[p] -= 1
+            if self._refs[p] == 0:
+                self._free.append(p)
+
+
+class PagedEngine:
+    """Rollout engine with a paged KV cache, continuous batching and CUDA-graph decoding (paper 2.6.2).
+
+    Args:
+        model: a transformers ``Qwen2ForCausalLM``, ``Qwen3ForCausalLM`` or ``LlamaForCausalLM`` (moved to
+            ``device`` and used in place: its parameters are the engine's weights).
+        device: where generation runs.
+        kv_cache_tokens: token slots of the KV cache; default: ``kv_cache_memory_fraction`` of the free GPU
+            memory on CUDA, 65,536 on the CPU.
+        kv_cache_memory_fraction: share of the free GPU memory given to the cache when ``kv_cache_tokens``
+            is None.
+        page_size: token slots per page.
+        max_num_seqs: sequences decoded together at most (continuous batching fills up to it).
+        max_prefill_tokens: prompt tokens packed into one prefill pass (a longer prompt goes alone).
+        max_model_len: longest prompt + generation (default: the cache, capped by the model's positions).
+        sync_every: decode steps between two looks of the host at the tokens (stop tokens, repeats, budgets).
+        cuda_graphs: capture decode steps as CUDA graphs (CUDA only).
+        attention_backend: decode attention backend of :func:`paged_decode_attention`.
+        repeat_detector: factory of a per-sequence detector (None disables repeat stops).
+        pad_token_id: accepted for drop-in compatibility with ``TorchEngine`` (nothing is padded here).
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        device: str | torch.device = "cpu",
+        *,
+        kv_cache_tokens: int | None = None,
+        kv_cache_memory_fraction: float = 0.5,
+        page_size: int = 16,
+        max_num_seqs: int = 256,
+        max_prefill_tokens: int = 16384,
+        max_model_len: int | None = None,
+        sync_every: int = 32,
+        cuda_graphs: bool = True,
+        attention_backend: str = "auto",
+        repeat_detector: Callable[[], RepeatDetector] | None = RepeatDetector,
+        pad_token_id: int = 0,
+    ) -> None:
+        for name, value in (("page_size", page_size), ("max_num_seqs", max_num_seqs),
+                            ("max_prefill_tokens", max_prefill_tokens), ("sync_every", sync_every)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}: must be an int >= 1, got {value!r}")
+        if not 0 < kv_cache_memory_fraction < 1:
+            raise ValueError(f"kv_cache_memory_fraction: must be in (0, 1), got {kv_cache_memory_fraction!r}")
+        if attention_backend not in ("auto", "triton", "torch"):
+            raise ValueError(f"attention_backend: expected 'auto', 'triton' or 'torch', got {attention_backend!r}")
+        self.device = torch.device(device)
+        self.decoder = _Decoder(model)
+        self.model = model.to(self.device).eval()
+        self.dtype = next(model.parameters()).dtype
+        self.page_size = page_size
+        self.max_num_seqs = max_num_seqs
+        self.max_prefill_tokens = max_prefill_tokens
+        self.sync_every = sync_every
+        self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
+        self.attention_backend = attention_backend
+        self.repeat_detector = repeat_detector
+        self.pad_token_id = pad_token_id
+        self.weight_version = 0
+        self._asleep = False
+        self._lock = threading.Lock()
+        d = self.decoder
+        self._page_bytes = 2 * d.num_layers * page_size * d.num_kv_heads * d.head_dim * self.dtype.itemsize
+        if kv_cache_tokens is None:
+            if self.device.type == "cuda":
+                free, _ = torch.cuda.mem_get_info(self.device)
+                kv_cache_tokens = int(free * kv_cache_memory_fraction) // self._page_bytes * page_size
+            else:
+                kv_cache_tokens = 65536
+        if not isinstance(kv_cache_tokens, int) or kv_cache_tokens < 2 * page_size:
+            raise ValueError(f"kv_cache_tokens: must be an int >= 2 * page_size ({2 * page_size}), got {kv_cache_tokens!r}")
+        self.num_pages = kv_cache_tokens // page_size + 1  # + the scratch page
+        capacity = (self.num_pages - 1) * page_size
+        positions = getattr(model.config, "max_position_embeddings", None) or capacity
+        self.max_model_len = max_model_len if max_model_len is not None else min(capacity, positions)
+        if not isinstance(self.max_model_len, int) or not 2 <= self.max_model_len <= capacity:
+            raise ValueError(f"max_model_len: must be an int in [2, {capacity}] (the cache's token slots), "
+                             f"got {self.max_model_len!r}")
+        self.max_pages_per_seq = -(-self.max_model_len // page_size)
+        self._allocate()
+
+    # ------------------------------------------------------------------ memory
+    def _allocate(self) -> None:
+        d = self.decoder
+        self._kv = torch.zeros(d.num_layers, 2, self.num_pages * self.page_size, d.num_kv_heads, d.head_dim,
+                               dtype=self.dtype, device=self.device)
+        self._cos, self._sin = d.rotary_table(self.max_model_len, self.device, self.dtype)
+        self.pool = _PagePool(self.num_pages)
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._graph_pool = None
+        n, w = self.max_num_seqs, self.max_pages_per_seq
+        self._tokens = torch.zeros(n, dtype=torch.long, device=self.device)
+        self._pos = torch.zeros(n, dtype=torch.long, device=self.device)
+        self._tables = torch.zeros(n, w, dtype=torch.int32, device=self.device)
+
+    @property
+    def free_pages(self) -> int:
+        """Pages of the KV cache not held by any sequence (all but the scratch page when idle)."""
+        return self.pool.free
+
+    def sleep(self) -> None:
+        """Free the accelerator memory for a colocated trainer (paper 2.6.3): the KV cache and CUDA graphs go,
+        the weights move to the CPU; :meth:`wake` restores both."""
+        with self._lock:
+            self._kv = self._cos = self._sin = None
+            self._graphs, self._graph_pool = {}, None
+            if self.device.type != "cpu":
+                self.model.to("cpu")
+                torch.cuda.empty_cache()
+            self._asleep = True
+
+    def wake(self) -> None:
+        with self._lock:
+            if self._asleep:
+                self.model.to(self.device)
+                self._allocate()
+            self._asleep = False
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy new values into the model's tensors by HF name, in place (all-or-nothing; the captured CUDA
+        graphs keep reading the same storage)."""
+        with self._lock:
+            TorchEngine.update_weights(self, named_tensors)
+
+    # ------------------------------------------------------------------ generation
+    def _check(self, prompts: list[list[int]], params: SamplingParams) -> None:
+        if self._asleep:
+            raise RuntimeError("generate: the engine is asleep; call wake() first")
+        if not isinstance(prompts, (list, tuple)):
+            raise ValueError(f"prompts: expected a list of token-id lists, got {type(prompts).__name__}")
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params: expected SamplingParams, got {type(params).__name__}")
+        vocab = self.decoder.vocab
+        for i, p in enumerate(prompts):
+            if len(p) == 0:
+                raise ValueError(f"prompts[{i}]: empty prompt")
+            bad = [t for t in p if not 0 <= t < vocab]
+            if bad:
+                raise ValueError(f"prompts[{i}]: token ids {bad[:5]} outside the vocabulary [0, {vocab})")
+            if len(p) + params.max_new_tokens - 1 > self.max_model_len:
+                raise ValueError(f"prompts[{i}]: {len(p)} prompt tokens + max_new_tokens={params.max_new_tokens} "
+                                 f"do not fit the KV cache (max_model_len={self.max_model_len} tokens per sequence)")
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
+        """Sample up to ``params.max_new_tokens`` tokens after each prompt (paper 2.6.2 rollouts).
+
+        Identical prompts share their prefill and KV pages. Continuing a trajectory is generating from
+        ``prompt + tokens so far``; under greedy decoding the result equals one-shot generation.
+        """
+        self._check(prompts, params)
+        if not prompts:
+            return []
+        with self._lock:
+            if self._asleep:
+                raise RuntimeError("generate: the engine is asleep; call wake() first")
+            return _Run(self, [[int(t) for t in p] for p in prompts], params).run()
+
+    # ------------------------------------------------------------------ device steps
+    def _prefill(self, ids: list[int], starts: list[int], slots: list[int]) -> torch.Tensor:
+        """One packed prefill of whole prompts; K/V go to ``slots``; returns the logits of each prompt's last token."""
+        dev = self.device
+        lens = np.diff(starts + [len(ids)])
+        pos = torch.from_numpy(np.concatenate([np.arange(n) for n in lens])).to(dev)
+        cu = torch.tensor(starts + [len(ids)], dtype=torch.int32, device=dev)
+        backend = "triton" if dev.type == "cuda" and self.dtype != torch.float32 else "torch"
+        max_len = int(lens.max())
+
+        def attend(q, k, v, layer):
+            return varlen_attention(q, k, v, cu, max_len, softmax_scale=self.decoder.scale, backend=backend)
+
+        ids_t = torch.tensor(ids, dtype=torch.long, device=dev)
+        slot_t = torch.tensor(slots, dtype=torch.long, device=dev)
+        hidden = self.decoder.forward(ids_t, self._cos[pos], self._sin[pos], self._kv, slot_t, attend)
+        return self.decoder.logits(hidden[cu[1:].long() - 1])
+
+    def _decode_forward(self, n: int) -> torch.Tensor:
+        """Logits of one decode step of the first ``n`` rows of the step buffers (tokens, positions, tables)."""
+        tokens, pos, tables = self._tokens[:n], self._pos[:n], self._tables[:n]
+        page = self.page_size
+        seq_lens = (pos + 1).to(torch.int32)
+        slots = tables.gather(1, (pos // page)[:, None]).squeeze(1).long() * page + pos % page
+        kv = self._kv
+        pages = kv.view(kv.shape[0], 2, self.num_pages, page, kv.shape[-2], kv.shape[-1])
+        splits = default_splits(n, self.decoder.num_kv_heads, self.device)
+
+        def attend(q, k, v, layer):
+            return paged_decode_attention(q, pages[layer, 0], pages[layer, 1], tables, seq_lens,
+                                          softmax_scale=self.decoder.scale, splits=splits,
+                                          backend=self.attention_backend)
+
+        hidden = self.decoder.forward(tokens, self._cos[pos], self._sin[pos], kv, slots, attend)
+        return self.decoder.logits(hidden)
+
+    def _decode_step(self, n: int) -> torch.Tensor:
+        """Logits ``[n, V]`` of one decode step; on CUDA a replay of the graph of n's bucket."""
+        if not self.cuda_graphs:
+            return self._decode_forward(n)
+        bucket = next((b for b in _BUCKETS if b >= n), None)
+        if bucket is None or bucket > self.max_num_seqs:
+            bucket = self.max_num_seqs
+        if bucket not in self._graphs:
+            self._capture(bucket)
+        graph, logits = self._graphs[bucket]
+        graph.replay()
+        return logits[:n]
+
+    def _capture(self, bucket: int) -> None:
+        """Capture one decode step of ``bucket`` rows. Rows past the live ones read and write the scratch page 0;
+        the warm-up steps rewrite the live rows' current K/V with the values the step itself writes."""
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # compile / autotune outside the capture
+                self._decode_forward(bucket)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        if self._graph_pool is None:
+            self._graph_pool = torch.cuda.graph_pool_handle()
+        with torch.cuda.graph(graph, pool=self._graph_pool):
+            logits = self._decode_forward(bucket)
+        self._graphs[bucket] = (graph, logits)
+
+
+def _sample(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next token of each row and its log-prob under the sampling distribution (untempered when greedy)."""
+    if params.temperature == 0:
+        lp = torch.log_softmax(logits.float(), dim=-1)
+        nxt = logits.argmax(-1)
+    else:
+        lp = _filtered_logprobs(logits, params)
+        race = torch.empty_like(lp).exponential_(generator=gen)  # argmax(p / E), E ~ Exp(1): a draw from p
+        nxt = (lp - race.log_()).argmax(-1)
+    return nxt, lp.gather(-1, nxt[:, None]).squeeze(-1)
+
+
+class _Run:
+    """One generate call: admission, prefill, decode rounds and the bookkeeping of its sequences."""
+
+    def __init__(self, engine: PagedEngine, prompts: list[list[int]], params: SamplingParams) -> None:
+        self.e = engine
+        self.prompts = prompts
+        self.params = params
+        self.stops = set(params.stop_token_ids)
+        self.gen = None
+        if params.seed is not None:
+            self.gen = torch.Generator(device=engine.device).manual_seed(params.seed)
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, p in enumerate(prompts):
+            groups.setdefault(tuple(p), []).append(i)
+        self.waiting = list(groups.values())  # groups of identical prompts, in order of first appearance
+        self.waiting.reverse()
+        self.running: list[_Seq] = []
+        self.done: dict[int, Completion] = {}
+
+    def run(self) -> list[Completion]:
+        e = self.e
+        try:
+            while self.waiting or self.running:
+                self._admit()
+                if self.running:
+                    self._decode_round()
+                elif self.waiting:
+                    raise RuntimeError("generate: the KV cache cannot hold the next prompt group even when empty; "
+                                       "raise kv_cache_tokens or lower max_new_tokens")
+        except BaseException:
+            e.pool = _PagePool(e.num_pages)  # one call at a time: a failed call gives every page back
+            raise
+        if e.pool.free != e.num_pages - 1:
+            raise RuntimeError(f"generate: {e.num_pages - 1 - e.pool.free} KV pages were not given back")
+        return [self.done[i] for i in range(len(self.prompts))]
+
+    # ------------------------------------------------------------------ admission and prefill
+    def _pages_for(self, prompt_len: int, k: int) -> tuple[int, int]:
+        """(shared full prompt pages, own pages per sample) for k samples of a prompt."""
+        e = self.e
+        longest = min(prompt_len + self.params.max_new_tokens - 1 + e.sync_every, e.max_pages_per_seq * e.page_size)
+        shared = prompt_len // e.page_size if k > 1 else 0
+        return shared, -(-longest // e.page_size) - shared
+
+    def _admit(self) -> None:
+        """Prefill as many waiting groups as fit the sequence budget, the free pages and the prefill budget."""
+        e = self.e
+        batch, tokens, free, seats = [], 0, e.pool.free, e.max_num_seqs - len(self.running)
+        while self.waiting:
+            group = self.waiting[-1]
+            n = len(self.prompts[group[0]])
+            shared, own = self._pages_for(n, len(group))
+            need = shared + own * len(group)
+            if need > free or len(group) > seats or (batch and tokens + n > e.max_prefill_tokens):
+                if not batch and not self.running and len(group) > seats:
+                    # a group larger than the sequence budget: split it, sharing the prefill per part
+                    self.waiting[-1:] = [group[seats:], group[:seats]]
+                    continue
+                if not batch and not self.running and need > free and len(group) > 1:
+                    half = len(group) // 2
+                    self.waiting[-1:] = [group[half:], group[:half]]
+                    continue
+                break
+            self.waiting.pop()
+            batch.append(group)
+            tokens, free, seats = tokens + n, free - need, seats - len(group)
+        if batch:
+            self._prefill(batch)
+
+    def _prefill(self, groups: list[list[int]]) -> None:
+        e = self.e
+        ids, starts, slots, seqs, parents = [], [], [], [], []
+        copies: list[tuple[int, int]] = []
+        for g, group in enumerate(groups):
+            prompt = self.prompts[group[0]]
+            n = len(prompt)
+            shared, own = self._pages_for(n, len(group))
+            common = e.pool.take(shared)
+            for j, idx in enumerate(group):
+                if j > 0:
+                    e.pool.share(common)
+                pages = common + e.pool.take(own)
+                seq = _Seq(idx, n, pages, self.params.max_new_tokens,
+                           detector=e.repeat_detector() if e.repeat_detector else None)
+                seqs.append(seq)
+                parents.append(g)
+                if j == 0:
+                    first = pages
+                elif n % e.page_size:  # the partly filled last prompt page is copied, the rest is shared
+                    copies.append((first[shared], pages[shared]))
+            starts.append(len(ids))
+            ids.extend(prompt)
+            t = np.arange(n)
+            slots.extend((np.asarray(first)[t // e.page_size] * e.page_size + t % e.page_size).tolist())
+        logits = e._prefill(ids, starts, slots)
+        if copies:
+            src = torch.tensor([c[0] for c in copies], device=e.device)
+            dst = torch.tensor([c[1] for c in copies], device=e.device)
+            kv = e._kv.view(e._kv.shape[0], 2, e.num_pages, e.page_size, *e._kv.shape[-2:])
+            kv[:, :, dst] = kv[:, :, src]
+        nxt, lp = _sample(logits[torch.tensor(parents, device=e.device)], self.params, self.gen)
+        for seq, t, l in zip(seqs, nxt.tolist(), lp.tolist()):
+            self._push(seq, [t], [l])
+        self.running.extend(s for s in seqs if s.reason is None)
+
+    # ------------------------------------------------------------------ decoding
+    def _decode_round(self) -> None:
+        """Up to ``sync_every`` decode steps on the device, then one look at the tokens on the host."""
+        e = self.e
+        run = self.running
+        n = len(run)
+        left = max(s.budget - len(s.tokens) for s in run)
+        room = min(len(s.pages) * e.page_size - s.cached for s in run)  # slots reserved ahead of each sequence
+        steps = max(1, min(e.sync_every, left, room))
+        table = np.zeros((n, e.max_pages_per_seq), dtype=np.int32)
+        for r, s in enumerate(run):
+            table[r, : len(s.pages)] = s.pages
+        e._tables.zero_()
+        e._pos.zero_()
+        e._tables[:n].copy_(torch.from_numpy(table))
+        e._pos[:n].copy_(torch.tensor([s.cached for s in run]))
+        e._tokens[:n].copy_(torch.tensor([s.tokens[-1] for s in run]))
+        out_tok = torch.empty(n, steps, dtype=torch.long, device=e.device)
+        out_lp = torch.empty(n, steps, dtype=torch.float32, device=e.device)
+        for i in range(steps):
+            logits = e._decode_step(n)
+            nxt, lp = _sample(logits, self.params, self.gen)
+            out_tok[:, i] = nxt
+            out_lp[:, i] = lp
+            e._tokens[:n].copy_(nxt)
+            e._pos[:n] += 1
+        toks, lps = out_tok.tolist(), out_lp.tolist()
+        for s, t, l in zip(run, toks, lps):
+            self._push(s, t, l)
+        self.running = [s for s in run if s.reason is None]
+
+    def _push(self, seq: _Seq, tokens: list[int], logprobs: list[float]) -> None:
+        """Append the tokens of one round until the sequence stops; a stopped sequence frees its pages."""
+        for t, lp in zip(tokens, logprobs):
+            seq.tokens.append(t)
+            seq.logprobs.append(lp)
+            if t in self.stops:
+                seq.reason = "stop"
+            elif seq.detector is not None and seq.detector.push(t):
+                seq.reason = "repeat"
+            elif len(seq.tokens) >= seq.budget:
+                seq.reason = "length"
+            if seq.reason is not None:
+                break
+        if seq.reason is not None:
+            self.e.pool.give_back(seq.pages)
+            self.done[seq.index] = Completion(seq.tokens, seq.logprobs, seq.reason)
