@@ -252,6 +252,13 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"k15: config error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # no intact checkpoint to resume, evaluate or export; a checkpoint write failed
+        from k15sys.train.checkpoint import CheckpointError  # (torch is imported only by the commands that need it)
+
+        if not isinstance(e, CheckpointError):
+            raise
+        print(f"k15: checkpoint error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -143,7 +143,7 @@ def test_resume_uses_the_runs_own_config(tmp_path, monkeypatch):
     first = [f"--set={o}" for o in TINY] + ["--set=run.tensorboard=false", "--set=rl.lr=3e-5", "--set=rl.iterations=1"]
     assert main(["train", "--output-dir", str(run), *first]) == 0
     loads, load = [], checkpoint.load_checkpoint
-    counted = lambda path: loads.append(path) or load(path)  # noqa: E731
+    counted = lambda path, **kw: loads.append(path) or load(path, **kw)  # noqa: E731
     monkeypatch.setattr(checkpoint, "load_checkpoint", counted)
     monkeypatch.setattr(trainer, "load_checkpoint", counted)
     assert main(["train", "--output-dir", str(run), "--resume", "--set=rl.iterations=2"]) == 0

@@ -142,3 +142,43 @@ def test_stop_during_sft_checkpoints_the_warm_up_and_resume_ends_as_uninterrupte
     again.run(resume=True)
     for (name, a), b in zip(plain.policy.lm.state_dict().items(), again.policy.lm.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def test_resume_falls_back_past_damaged_checkpoints_and_never_silently_starts_over(tmp_path, capsys):
+    """Issue 20 item 7: --resume with the newest checkpoint damaged (flipped bytes) or deleted (`latest` names a
+    missing directory) continues from the newest intact one, says so on stderr, and ends as the undamaged run;
+    with no intact checkpoint it stops with an error and leaves metrics.jsonl as it was (no fresh start)."""
+    import shutil
+
+    from k15sys.cli import main
+    from k15sys.train.config import load_config
+    from k15sys.train.trainer import Trainer
+
+    opts = [*TINY, "rl.iterations=4"]
+    run = tmp_path / "run"
+    cfg = load_config(None, [*opts, f"run.output_dir={run}"])
+    Trainer(cfg).run()
+    ck = run / "checkpoints"
+    assert sorted(p.name for p in ck.glob("iter_*")) == ["iter_000002", "iter_000004"]
+    expected = _comparable(read_metrics(run / "metrics.jsonl"))
+    for damage in ("flip", "delete"):
+        if damage == "flip":
+            data = bytearray((ck / "iter_000004" / "state.pt").read_bytes())
+            data[len(data) // 2] ^= 0x01
+            (ck / "iter_000004" / "state.pt").write_bytes(bytes(data))
+        else:
+            shutil.rmtree(ck / "iter_000004")
+        capsys.readouterr()
+        Trainer(cfg).run(resume=True)
+        err = capsys.readouterr().err
+        assert "iter_000004" in err and "falling back to the newest intact checkpoint" in err and "iter_000002" in err
+        assert _comparable(read_metrics(run / "metrics.jsonl")) == expected  # iterations 3, 4 redone, same rows
+        assert load_checkpoint(latest_checkpoint(ck))["iteration"] == 4
+        assert sorted(p.name for p in ck.glob("iter_*")) == ["iter_000002", "iter_000004"]
+    rows = (run / "metrics.jsonl").read_text()
+    for name in ("iter_000002", "iter_000004"):
+        (ck / name / "state.pt").write_bytes(b"")
+    assert main(["train", "--output-dir", str(run), "--resume"]) == 1
+    err = capsys.readouterr().err
+    assert "checkpoint error: no intact checkpoint" in err and "iter_000002" in err and "--overwrite" in err
+    assert (run / "metrics.jsonl").read_text() == rows

@@ -1,17 +1,20 @@
 """Unit tests of the main job's pieces: task, tokenizer, config, packing, policy log-probs, checkpoints, metrics."""
 from __future__ import annotations
 
+import errno
 import json
 import math
 import random
 import re
+import shutil
 
 import pytest
 import torch
 
 from k15sys.rewards import math_reward
 from k15sys.tasks import CharTokenizer, direct_answer, make_problem, make_splits, solution
-from k15sys.train.checkpoint import checkpoint_config, latest_checkpoint, load_checkpoint, save_checkpoint
+from k15sys.train.checkpoint import (CheckpointError, checkpoint_config, latest_checkpoint, load_checkpoint,
+                                     save_checkpoint)
 from k15sys.train.config import Config, ConfigError, ModelConfig, load_config
 from k15sys.train.metrics import MetricsLog, read_metrics
 from k15sys.train.model import build_model
@@ -203,8 +206,128 @@ def test_checkpoint_config_is_read_without_the_weights(tmp_path):
     cfg = {"rl": {"lr": 3e-5}, "model": {"hidden_size": 32}}
     ck = save_checkpoint(tmp_path, 7, {"iteration": 7, "config": cfg, "model": {"w": torch.ones(2)}})
     assert json.loads((ck / "config.json").read_text()) == cfg == checkpoint_config(ck)
-    (ck / "config.json").unlink()  # a checkpoint from before the sidecar: read from state.pt
-    assert checkpoint_config(ck) == cfg
+    (ck / "config.json").write_text(json.dumps({"rl": {"lr": 3e-3}, "model": {"hidden_size": 32}}, indent=1))
+    with pytest.raises(CheckpointError, match="config.json fails its sha256"):  # same size, other bytes
+        checkpoint_config(ck)
+    (ck / "config.json").unlink()
+    with pytest.raises(CheckpointError, match="config.json is missing"):
+        checkpoint_config(ck)
+
+
+def _ckpts(root, *iterations, keep=3):
+    for it in iterations:
+        save_checkpoint(root, it, {"iteration": it, "w": torch.full((64,), float(it)), "config": {"it": it}}, keep=keep)
+
+
+def _flip_byte(path, offset=-100):
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "missing_dir", "no_manifest"])
+def test_resume_falls_back_to_the_newest_intact_checkpoint_and_says_so(tmp_path, damage):
+    """Issue 20 item 7: a damaged newest checkpoint (flipped bytes, a truncated state.pt, `latest` naming a deleted
+    directory, no manifest) is skipped with a message; the previous intact one is used."""
+    _ckpts(tmp_path, 1, 2)
+    newest = tmp_path / "iter_000002"
+    if damage == "flip":
+        _flip_byte(newest / "state.pt")
+    elif damage == "truncate":
+        (newest / "state.pt").write_bytes((newest / "state.pt").read_bytes()[:50])
+    elif damage == "missing_dir":
+        shutil.rmtree(newest)
+    else:
+        (newest / "manifest.json").unlink()
+    said = []
+    path = latest_checkpoint(tmp_path, log=said.append)
+    assert path == tmp_path / "iter_000001" and load_checkpoint(path)["iteration"] == 1
+    assert "iter_000002" in said[0] and "iter_000001" in said[-1]
+    reason = {"flip": "sha256", "truncate": "truncated", "missing_dir": "missing", "no_manifest": "manifest.json"}[damage]
+    assert reason in said[0]
+    if damage != "missing_dir":
+        with pytest.raises(CheckpointError, match=reason):
+            load_checkpoint(newest)
+
+
+def test_no_intact_checkpoint_is_an_error_not_a_fresh_start(tmp_path):
+    assert latest_checkpoint(tmp_path / "none") is None  # never checkpointed: a fresh start is right
+    (tmp_path / "ck").mkdir()
+    (tmp_path / "ck" / ".tmp_iter_000000_7").mkdir()  # killed during the first save: nothing was completed
+    assert latest_checkpoint(tmp_path / "ck") is None
+    _ckpts(tmp_path / "ck", 1, 2)
+    for name in ("iter_000001", "iter_000002"):
+        _flip_byte(tmp_path / "ck" / name / "state.pt", offset=10)
+    with pytest.raises(CheckpointError, match="no intact checkpoint.*iter_000002.*iter_000001"):
+        latest_checkpoint(tmp_path / "ck")
+    for name in ("iter_000001", "iter_000002"):
+        shutil.rmtree(tmp_path / "ck" / name)
+    with pytest.raises(CheckpointError, match="iter_000002: missing"):  # `latest` still names one
+        latest_checkpoint(tmp_path / "ck")
+
+
+def test_retention_keeps_the_checkpoint_just_written_and_sets_later_ones_aside(tmp_path):
+    """A save below the highest checkpoint number (a run that went back past damaged checkpoints) used to delete
+    the checkpoint it had just written; later checkpoints are now moved to abandoned/, older ones pruned."""
+    _ckpts(tmp_path, 3, 4, 5, keep=2)
+    assert sorted(p.name for p in tmp_path.glob("iter_*")) == ["iter_000004", "iter_000005"]
+    _flip_byte(tmp_path / "iter_000005" / "state.pt")
+    save_checkpoint(tmp_path, 1, {"iteration": 1, "w": torch.zeros(4)}, keep=2)
+    assert latest_checkpoint(tmp_path).name == "iter_000001" and load_checkpoint(tmp_path / "iter_000001")["iteration"] == 1
+    assert sorted(p.name for p in (tmp_path / "abandoned").iterdir()) == ["iter_000004", "iter_000005"]
+    _ckpts(tmp_path, 2, 3, keep=2)
+    assert sorted(p.name for p in tmp_path.glob("iter_*")) == ["iter_000002", "iter_000003"]
+    _ckpts(tmp_path, 4, keep=2)  # an abandoned/iter_000004 already exists: the new one is a separate directory
+    assert latest_checkpoint(tmp_path).name == "iter_000004" and load_checkpoint(tmp_path / "iter_000004")["w"][0] == 4
+
+
+def test_checkpoint_of_the_same_iteration_is_replaced_without_a_gap(tmp_path):
+    """Warm-up checkpoints reuse iteration 0: the old copy stays until the new one is in place, so a crash between the
+    two renames still leaves an intact checkpoint (.old_iter_*), which a resume finds."""
+    _ckpts(tmp_path, 0)
+    save_checkpoint(tmp_path, 0, {"iteration": 0, "w": torch.ones(2)})
+    assert load_checkpoint(latest_checkpoint(tmp_path))["w"].tolist() == [1.0, 1.0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["iter_000000", "latest"]
+    (tmp_path / "iter_000000").rename(tmp_path / ".old_iter_000000")  # killed between the two renames
+    said = []
+    assert latest_checkpoint(tmp_path, log=said.append).name == ".old_iter_000000" and "missing" in said[0]
+    save_checkpoint(tmp_path, 0, {"iteration": 0, "w": torch.zeros(2)})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["iter_000000", "latest"]
+
+
+def test_save_removes_crash_leftovers(tmp_path):
+    """Issue 20 item 8: .tmp_iter_* directories left by a kill during a save are removed by the next save."""
+    _ckpts(tmp_path, 1)
+    (tmp_path / ".tmp_iter_000002_99").mkdir()
+    (tmp_path / ".tmp_iter_000002_99" / "state.pt").write_bytes(b"torn")
+    assert latest_checkpoint(tmp_path).name == "iter_000001"
+    _ckpts(tmp_path, 2)
+    assert not list(tmp_path.glob(".tmp_iter_*"))
+
+
+def test_full_disk_is_a_clear_error_naming_the_directory_and_free_space(tmp_path, monkeypatch):
+    """Issue 20 item 8: a file system too small for the tensors is refused before writing; a failing write (torch
+    reports a full disk as "enforce fail at inline_container.cc") names the directory and its free space."""
+    from k15sys.train import checkpoint
+
+    _ckpts(tmp_path, 1)
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda p: usage._replace(free=1000))
+    with pytest.raises(CheckpointError, match=rf"{re.escape(str(tmp_path))} has 0.00 GiB free.*need 0.00 GiB") as e:
+        save_checkpoint(tmp_path, 2, {"w": torch.zeros(1000)})
+    assert e.value.errno == errno.ENOSPC
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda p: usage._replace(free=3 * 2**30))
+
+    def full(obj, f):
+        f.write(b"x" * 10)
+        raise RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 64 vs 0")
+
+    monkeypatch.setattr(checkpoint.torch, "save", full)
+    with pytest.raises(CheckpointError, match=rf"writing iter_000002 under {re.escape(str(tmp_path))} failed with 3.00 GiB free "
+                                              r"there: \[enforce fail"):
+        save_checkpoint(tmp_path, 2, {"w": torch.zeros(10)})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["iter_000001", "latest"]  # no torn directory left
+    assert latest_checkpoint(tmp_path).name == "iter_000001"
 
 
 def test_metrics_jsonl_truncate(tmp_path):

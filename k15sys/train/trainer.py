@@ -518,10 +518,15 @@ class Trainer:
         dist_utils.barrier()
 
     def _resume(self) -> bool:
-        path = latest_checkpoint(self.out / "checkpoints")
+        # the newest checkpoint that passes its checksums; damaged newer ones are named on stderr, and checkpoints
+        # that exist but are all damaged raise CheckpointError rather than start the run over
+        say = (lambda msg: print(f"k15: --resume: {msg}", file=sys.stderr, flush=True)) if self.rank == 0 else None
+        path = latest_checkpoint(self.out / "checkpoints", log=say)
         if path is None:
+            if say:
+                say(f"no checkpoint under {self.out / 'checkpoints'} yet; starting the run from the beginning")
             return False
-        state = load_checkpoint(path)
+        state = load_checkpoint(path, verify=False)  # just verified
         if state["world_size"] != self.world:
             raise ValueError(f"--resume: checkpoint {path} was written by {state['world_size']} ranks, this run has {self.world}")
         dist_utils.load_full_state_dict(self.policy.lm, state["model"])
