@@ -6,6 +6,9 @@ softmax tensor ever exists:
 
 * statistics: online (max, sum exp, sum exp * z) over V gives ``lse``, the entropy
   ``H = lse - sum p z`` and the label's log-prob ``z_label - lse`` (``z = logits / temperature``);
+* partial statistics of a chunk that holds only some vocabulary columns ``[col0, col0 + Vc)`` (``PARTIAL``):
+  the chunk's ``(m, s, t, z_label)``, merged over the chunks afterwards (the autograd path tiles [T, V]
+  over the vocabulary);
 * gradient, written IN PLACE over the logits chunk (which is then multiplied by W and by h):
   ``dl = (g_lp (1[v = label] - p) - g_ent p (z - lse + H)) / temperature``.
 
@@ -19,7 +22,7 @@ be) and folds each tile into per-row online statistics
 (running max ``m``, ``s = sum e^(z-m)``, ``t = sum e^(z-m) z``) without writing any logits, so a
 statistics-only pass (the autograd forward, the no-grad log-probs of the reference policy) needs no
 ``[C, V]`` buffer at all. The vocabulary is split over ``NSPLIT`` programs per row block; their partial
-statistics are merged by :func:`merge_partials`.
+statistics are merged by ``k15sys.ops.logprobs.merge_partials`` (plain torch, shared with the chunked path).
 """
 from __future__ import annotations
 
@@ -40,10 +43,14 @@ def logprob_rows_kernel(
     lp_ptr,
     g_lp_ptr,
     g_ent_ptr,
+    part_ptr,
+    part_stride,
     V,
+    col0,
     inv_temp,
     ignore_index,
     STATS: tl.constexpr,
+    PARTIAL: tl.constexpr,
     GRAD: tl.constexpr,
     HAS_G_ENT: tl.constexpr,
     BLOCK_V: tl.constexpr,
@@ -52,6 +59,7 @@ def logprob_rows_kernel(
     base = logits_ptr + row * stride_row
     label = tl.load(labels_ptr + row).to(tl.int64)
     valid = label != ignore_index
+    label = label - col0  # the chunk holds vocabulary columns [col0, col0 + V)
     cols = tl.arange(0, BLOCK_V)
 
     if STATS:
@@ -76,13 +84,19 @@ def logprob_rows_kernel(
         w = tl.where(m == float("-inf"), 0.0, tl.exp(m - mx))
         s_tot = tl.sum(s * w, axis=0)
         t_tot = tl.sum(t * w, axis=0)
-        lse = mx + tl.log(s_tot)
-        ent = lse - t_tot / s_tot
-        lp = tl.sum(z_label, axis=0) - lse
-        tl.store(lse_ptr + row, lse)
-        tl.store(ent_ptr + row, tl.where(valid, ent, 0.0))
-        tl.store(lp_ptr + row, tl.where(valid, lp, 0.0))
-    else:
+        if PARTIAL:  # this chunk's (m, s, t, z_label), merged over the chunks by ``merge_partials``
+            tl.store(part_ptr + row, mx)
+            tl.store(part_ptr + part_stride + row, s_tot)
+            tl.store(part_ptr + 2 * part_stride + row, t_tot)
+            tl.store(part_ptr + 3 * part_stride + row, tl.sum(z_label, axis=0))
+        else:
+            lse = mx + tl.log(s_tot)
+            ent = lse - t_tot / s_tot
+            lp = tl.sum(z_label, axis=0) - lse
+            tl.store(lse_ptr + row, lse)
+            tl.store(ent_ptr + row, tl.where(valid, ent, 0.0))
+            tl.store(lp_ptr + row, tl.where(valid, lp, 0.0))
+    if not STATS:
         lse = tl.load(lse_ptr + row)
         ent = tl.load(ent_ptr + row)
 
@@ -115,26 +129,38 @@ def launch_rows(
     ignore_index: int,
     stats: bool,
     grad: bool,
+    col0: int = 0,
+    part=None,
 ) -> None:
-    """Run :func:`logprob_rows_kernel` over every row of a contiguous-row ``logits`` chunk [C, V]."""
+    """Run :func:`logprob_rows_kernel` over every row of a contiguous-row ``logits`` chunk [C, Vc].
+
+    The chunk holds vocabulary columns ``[col0, col0 + Vc)``. With ``part`` (a [4, C] fp32 view, rows
+    contiguous) the statistics pass writes this chunk's partial ``(m, s, t, z_label)`` there instead of
+    ``lse`` / ``ent`` / ``lp`` (no gradient in the same launch then)."""
     C, V = logits.shape
     if C == 0:
         return
+    if part is not None and (grad or not stats):
+        raise ValueError("part: partial statistics are a statistics-only pass")
     block_v = min(4096, triton.next_power_of_2(V))
-    dummy = lse  # any fp32 tensor stands in for unused pointers
+    dummy = labels  # stands in for unused pointers (never dereferenced)
     logprob_rows_kernel[(C,)](
         logits,
         logits.stride(0),
         labels,
-        lse,
-        ent,
+        lse if lse is not None else dummy,
+        ent if ent is not None else dummy,
         lp if lp is not None else dummy,
         g_lp if g_lp is not None else dummy,
         g_ent if g_ent is not None else dummy,
+        part if part is not None else dummy,
+        part.stride(0) if part is not None else 0,
         V,
+        col0,
         inv_temp,
         ignore_index,
         STATS=stats,
+        PARTIAL=part is not None,
         GRAD=grad,
         HAS_G_ENT=g_ent is not None,
         BLOCK_V=block_v,
@@ -273,16 +299,3 @@ def launch_stats(hidden, weight, labels, *, inv_temp: float):
         BLOCK_T=_BLOCK_T, GROUP_T=8, IEEE=hidden.dtype == torch.float32,
     )
     return part
-
-
-def merge_partials(part, labels, ignore_index: int):
-    """(lse, entropy, logprob) [T] fp32 from the partial statistics of :func:`launch_stats`."""
-    m, s, t, z_label = part
-    mx = m.max(dim=0).values
-    w = torch.exp(m - mx)
-    s_tot = (s * w).sum(0)
-    lse = mx + torch.log(s_tot)
-    ent = lse - (t * w).sum(0) / s_tot
-    valid = labels != ignore_index
-    lp = z_label.sum(0) - lse
-    return lse, torch.where(valid, ent, 0.0), torch.where(valid, lp, 0.0)

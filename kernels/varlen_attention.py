@@ -13,6 +13,10 @@ block: blocks strictly off the causal diagonal and inside the sequence run with 
 diagonal blocks and the block at a sequence's ragged end (whose rows past the end hold the next sequence, or
 zeros past T) take the masked path. Blocks past a sequence's end exit at once; causal blocks above the
 diagonal are never visited. Query-block kernels run the longest (last) blocks first.
+
+``PREC`` is every ``tl.dot``'s input precision: ``"ieee"`` for fp32 inputs (fp32 attention is asked for where
+accuracy matters; TF32 would be 1e3 times less accurate than PyTorch's fp32 math), ``"tf32"`` (the default, a
+no-op for 16-bit inputs) otherwise.
 """
 from __future__ import annotations
 
@@ -22,11 +26,11 @@ import triton.language as tl
 
 @triton.jit
 def _fwd_block(q, k_desc, v_desc, row_n, col, m_i, l_i, acc, offs_m, offs_n, L, scale_log2,
-               CAUSAL: tl.constexpr, MASK: tl.constexpr):
+               CAUSAL: tl.constexpr, MASK: tl.constexpr, PREC: tl.constexpr):
     """One key block of the online softmax: rescale the running sums to the new row max, add p @ v."""
     k = k_desc.load([row_n, col])
     v = v_desc.load([row_n, col])
-    s = tl.dot(q, tl.trans(k))
+    s = tl.dot(q, tl.trans(k), input_precision=PREC)
     if MASK:
         valid = offs_n[None, :] < L
         if CAUSAL:
@@ -36,14 +40,14 @@ def _fwd_block(q, k_desc, v_desc, row_n, col, m_i, l_i, acc, offs_m, offs_n, L, 
     p = tl.exp2(s * scale_log2 - m_new[:, None])
     alpha = tl.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PREC)
     return m_new, l_i, acc
 
 
 @triton.jit
 def _fwd_kernel(q_desc, k_desc, v_desc, O, LSE, CU, scale_log2, HQ, s_ot, s_oh,
                 GROUP: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                D: tl.constexpr):
+                D: tl.constexpr, PREC: tl.constexpr):
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // HQ
@@ -69,10 +73,10 @@ def _fwd_kernel(q_desc, k_desc, v_desc, O, LSE, CU, scale_log2, HQ, s_ot, s_oh,
             hi = L
         for n0 in range(0, full, BLOCK_N):
             m_i, l_i, acc = _fwd_block(q, k_desc, v_desc, start + n0, kvh * D, m_i, l_i, acc, offs_m,
-                                       n0 + offs_nb, L, scale_log2, CAUSAL, False)
+                                       n0 + offs_nb, L, scale_log2, CAUSAL, False, PREC)
         for n0 in range(full, hi, BLOCK_N):
             m_i, l_i, acc = _fwd_block(q, k_desc, v_desc, start + n0, kvh * D, m_i, l_i, acc, offs_m,
-                                       n0 + offs_nb, L, scale_log2, CAUSAL, True)
+                                       n0 + offs_nb, L, scale_log2, CAUSAL, True, PREC)
         out = acc / l_i[:, None]
         tl.store(O + row[:, None] * s_ot + h * s_oh + offs_d[None, :], out.to(O.dtype.element_ty),
                  mask=offs_m[:, None] < L)
@@ -95,7 +99,7 @@ def _bwd_pre_kernel(O, DO, DELTA, T, HQ, s_ot, s_oh, BLOCK: tl.constexpr, D: tl.
 @triton.jit
 def _dkdv_block(dk, dv, k, v, q_desc, do_desc, LSE_s, DELTA_s, i, lo, start, kvh, offs_mb, offs_n, L, HQ, scale_log2,
                 GROUP: tl.constexpr, BLOCK_M: tl.constexpr, D: tl.constexpr, CAUSAL: tl.constexpr,
-                MASK: tl.constexpr):
+                MASK: tl.constexpr, PREC: tl.constexpr):
     """Step i of a loop over (query block, query head of the GQA group) pairs from query block ``lo`` on: that
     block's contribution to dK, dV of a key block. Keys are the tile rows (p^T, dS^T are [keys, queries]).
     Columns past the sequence end only touch dK/dV rows that are never stored."""
@@ -110,16 +114,16 @@ def _dkdv_block(dk, dv, k, v, q_desc, do_desc, LSE_s, DELTA_s, i, lo, start, kvh
     else:
         lse = tl.load(LSE_s + offs_m * HQ + h)
         delta = tl.load(DELTA_s + offs_m * HQ + h)
-    pT = tl.exp2(tl.dot(k, tl.trans(q)) * scale_log2 - lse[None, :])
+    pT = tl.exp2(tl.dot(k, tl.trans(q), input_precision=PREC) * scale_log2 - lse[None, :])
     if MASK:
         valid = offs_m[None, :] < L
         if CAUSAL:
             valid = valid & (offs_m[None, :] >= offs_n[:, None])
         pT = tl.where(valid, pT, 0.0)
-    dv = tl.dot(pT.to(do.dtype), do, dv)
-    dpT = tl.dot(v, tl.trans(do))
+    dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PREC)
+    dpT = tl.dot(v, tl.trans(do), input_precision=PREC)
     dsT = pT * (dpT - delta[None, :])
-    dk = tl.dot(dsT.to(q.dtype), q, dk)
+    dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=PREC)
     return dk, dv
 
 
@@ -127,7 +131,7 @@ def _dkdv_block(dk, dv, k, v, q_desc, do_desc, LSE_s, DELTA_s, i, lo, start, kvh
 def _bwd_dkdv_kernel(q_desc, K, V, do_desc, LSE, DELTA, DK, DV, CU, scale_log2, scale, HQ, HKV,
                      s_kt, s_kh, s_vt, s_vh, s_dkt, s_dkh, s_dvt, s_dvh,
                      GROUP: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     D: tl.constexpr):
+                     D: tl.constexpr, PREC: tl.constexpr):
     pid_n = tl.program_id(0)  # key blocks near the start have the most query blocks: they go first
     bh = tl.program_id(1)
     b = bh // HKV
@@ -158,13 +162,13 @@ def _bwd_dkdv_kernel(q_desc, K, V, do_desc, LSE, DELTA, DK, DV, CU, scale_log2, 
         tail = tl.maximum(mid, L_full)
         for i in range(0, (tl.minimum(mid, L) - lo + BLOCK_M - 1) // BLOCK_M * GROUP):
             dk, dv = _dkdv_block(dk, dv, k, v, q_desc, do_desc, LSE_s, DELTA_s, i, lo, start, kvh, offs_mb, offs_n, L,
-                                 HQ, scale_log2, GROUP, BLOCK_M, D, CAUSAL, True)
+                                 HQ, scale_log2, GROUP, BLOCK_M, D, CAUSAL, True, PREC)
         for i in range(0, (L_full - mid) // BLOCK_M * GROUP):
             dk, dv = _dkdv_block(dk, dv, k, v, q_desc, do_desc, LSE_s, DELTA_s, i, mid, start, kvh, offs_mb, offs_n, L,
-                                 HQ, scale_log2, GROUP, BLOCK_M, D, CAUSAL, False)
+                                 HQ, scale_log2, GROUP, BLOCK_M, D, CAUSAL, False, PREC)
         for i in range(0, (L - tail + BLOCK_M - 1) // BLOCK_M * GROUP):
             dk, dv = _dkdv_block(dk, dv, k, v, q_desc, do_desc, LSE_s, DELTA_s, i, tail, start, kvh, offs_mb, offs_n,
-                                 L, HQ, scale_log2, GROUP, BLOCK_M, D, CAUSAL, True)
+                                 L, HQ, scale_log2, GROUP, BLOCK_M, D, CAUSAL, True, PREC)
         tl.store(DK + col[:, None] * s_dkt + kvh * s_dkh + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty),
                  mask=offs_n[:, None] < L)
         tl.store(DV + col[:, None] * s_dvt + kvh * s_dvh + offs_d[None, :], dv.to(DV.dtype.element_ty),
@@ -173,25 +177,25 @@ def _bwd_dkdv_kernel(q_desc, K, V, do_desc, LSE, DELTA, DK, DV, CU, scale_log2, 
 
 @triton.jit
 def _dq_block(dq, q, do, lse, delta, k_desc, v_desc, row_n, col, offs_m, offs_n, L, scale_log2,
-              CAUSAL: tl.constexpr, MASK: tl.constexpr):
+              CAUSAL: tl.constexpr, MASK: tl.constexpr, PREC: tl.constexpr):
     """One key block's contribution to dQ of a query block (rows past the sequence end are never stored)."""
     k = k_desc.load([row_n, col])
     v = v_desc.load([row_n, col])
-    p = tl.exp2(tl.dot(q, tl.trans(k)) * scale_log2 - lse[:, None])
+    p = tl.exp2(tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2 - lse[:, None])
     if MASK:
         valid = offs_n[None, :] < L
         if CAUSAL:
             valid = valid & (offs_m[:, None] >= offs_n[None, :])
         p = tl.where(valid, p, 0.0)
-    dp = tl.dot(do, tl.trans(v))
+    dp = tl.dot(do, tl.trans(v), input_precision=PREC)
     ds = p * (dp - delta[:, None])
-    return tl.dot(ds.to(k.dtype), k, dq)
+    return tl.dot(ds.to(k.dtype), k, dq, input_precision=PREC)
 
 
 @triton.jit
 def _bwd_dq_kernel(Q, k_desc, v_desc, DO, LSE, DELTA, DQ, CU, scale_log2, scale, HQ, s_qt, s_qh, s_dot, s_doh,
                    s_dqt, s_dqh, GROUP: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
-                   BLOCK_N: tl.constexpr, D: tl.constexpr):
+                   BLOCK_N: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr):
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // HQ
@@ -218,9 +222,9 @@ def _bwd_dq_kernel(Q, k_desc, v_desc, DO, LSE, DELTA, DQ, CU, scale_log2, scale,
             hi = L
         for n0 in range(0, full, BLOCK_N):
             dq = _dq_block(dq, q, do, lse, delta, k_desc, v_desc, start + n0, kvh * D, offs_m, n0 + offs_nb, L,
-                           scale_log2, CAUSAL, False)
+                           scale_log2, CAUSAL, False, PREC)
         for n0 in range(full, hi, BLOCK_N):
             dq = _dq_block(dq, q, do, lse, delta, k_desc, v_desc, start + n0, kvh * D, offs_m, n0 + offs_nb, L,
-                           scale_log2, CAUSAL, True)
+                           scale_log2, CAUSAL, True, PREC)
         tl.store(DQ + row[:, None] * s_dqt + h * s_dqh + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
                  mask=mrow[:, None])

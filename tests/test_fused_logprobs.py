@@ -62,7 +62,8 @@ def assert_close_or_2x_naive(ours, naive, ref, tol):
     assert err <= max(tol, 2 * err_naive), (err, err_naive)
 
 
-def check_against_reference(backend, T, H, V, dtype, temperature, chunk, tol, device="cpu", scale=1.0):
+def check_against_reference(backend, T, H, V, dtype, temperature, chunk, tol, device="cpu", scale=1.0,
+                            vocab_chunk=None):
     hidden, weight, labels = make(T, H, V, dtype, device, scale=scale, seed=T * 7 + V)
     g = torch.Generator().manual_seed(1)
     g_lp = torch.randn(T, generator=g).to(device)
@@ -70,7 +71,8 @@ def check_against_reference(backend, T, H, V, dtype, temperature, chunk, tol, de
 
     h1 = hidden.clone().requires_grad_()
     w1 = weight.clone().requires_grad_()
-    lp, ent = fused_logprobs(h1, w1, labels, temperature=temperature, return_entropy=True, backend=backend, chunk=chunk)
+    lp, ent = fused_logprobs(h1, w1, labels, temperature=temperature, return_entropy=True, backend=backend, chunk=chunk,
+                             vocab_chunk=vocab_chunk)
     ((lp * g_lp).sum() + (ent * g_ent).sum()).backward()
 
     h0 = hidden.double().requires_grad_()
@@ -99,34 +101,39 @@ def check_against_reference(backend, T, H, V, dtype, temperature, chunk, tol, de
     loss.backward()
     torch.testing.assert_close(loss.double(), (lp.double() * g_lp.double()).sum() + (ent.double() * g_ent.double()).sum(),
                                atol=1e-4 * T, rtol=1e-5)
-    torch.testing.assert_close(h2.grad.double(), h1.grad.double(), atol=tol, rtol=tol)
-    torch.testing.assert_close(w2.grad.double(), w1.grad.double(), atol=tol, rtol=tol)
     torch.testing.assert_close(lp2, lp, atol=tol, rtol=tol)
+    if dtype == torch.float32:
+        torch.testing.assert_close(h2.grad.double(), h1.grad.double(), atol=tol, rtol=tol)
+        torch.testing.assert_close(w2.grad.double(), w1.grad.double(), atol=tol, rtol=tol)
+    else:  # the two paths round partial sums differently: each is held to the same bar
+        for ours, nv, ref in zip((h2.grad, w2.grad), naive[2:], (h0.grad, w0.grad)):
+            assert_close_or_2x_naive(ours, nv, ref, tol)
 
 
-SHAPES = [  # (T, H, V, chunk): T=1, awkward sizes, several chunks, a V that spans several row blocks
-    (1, 24, 1013, None),
-    (37, 24, 1013, 16),
-    (5, 16, 33, 2),
-    (9, 8, 5000, 4),
+SHAPES = [  # (T, H, V, chunk, vocab_chunk): T=1, awkward sizes, several row blocks x vocabulary chunks (ragged)
+    (1, 24, 1013, None, None),
+    (37, 24, 1013, 16, 300),
+    (5, 16, 33, 2, 7),
+    (9, 8, 5000, 4, None),
 ]
 
 
-@pytest.mark.parametrize("T,H,V,chunk", SHAPES)
+@pytest.mark.parametrize("T,H,V,chunk,vocab_chunk", SHAPES)
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_torch_backend_fp32(T, H, V, chunk, temperature):
-    check_against_reference("torch", T, H, V, torch.float32, temperature, chunk, tol=2e-5)
+def test_torch_backend_fp32(T, H, V, chunk, vocab_chunk, temperature):
+    check_against_reference("torch", T, H, V, torch.float32, temperature, chunk, tol=2e-5, vocab_chunk=vocab_chunk)
 
 
-@pytest.mark.parametrize("T,H,V,chunk", SHAPES)
-def test_triton_interpreter_fp32(T, H, V, chunk):
-    check_against_reference("triton", T, H, V, torch.float32, 0.7, chunk, tol=2e-5, device=_interpreter_or_cuda())
+@pytest.mark.parametrize("T,H,V,chunk,vocab_chunk", SHAPES)
+def test_triton_interpreter_fp32(T, H, V, chunk, vocab_chunk):
+    check_against_reference("triton", T, H, V, torch.float32, 0.7, chunk, tol=2e-5, device=_interpreter_or_cuda(),
+                            vocab_chunk=vocab_chunk)
 
 
 def test_triton_interpreter_fp16_and_large_logits():
     # fp16 inputs; hidden scaled so logits reach ~+-60 (exp would overflow without the max shift)
     check_against_reference("triton", 13, 32, 300, torch.float16, 1.0, 8, tol=1e-3, scale=12.0,
-                            device=_interpreter_or_cuda())
+                            device=_interpreter_or_cuda(), vocab_chunk=128)
     check_against_reference("torch", 13, 32, 300, torch.float16, 1.0, 8, tol=1e-3, scale=12.0)
 
 
@@ -150,7 +157,8 @@ def test_bf16_torch_backend_within_twice_pytorch_error():
 ])
 def test_fused_stats_kernel_against_float64(T, H, V, dtype, temperature, scale):
     """The fully fused statistics kernel (logit tiles on chip, vocabulary splits merged) vs float64."""
-    from k15sys.kernels.fused_logprobs import launch_stats, merge_partials
+    from k15sys.kernels.fused_logprobs import launch_stats
+    from k15sys.ops.logprobs import merge_partials
 
     dev = _interpreter_or_cuda()
     hidden, weight, labels = make(T, H, V, dtype, dev, scale=scale, seed=T + V)

@@ -1,4 +1,8 @@
-"""varlen_attention against a float64 reference, forward and dq/dk/dv (Triton interpreter on the CPU)."""
+"""varlen_attention against a float64 reference, forward and dq/dk/dv (Triton interpreter on the CPU, CUDA on a GPU).
+
+The bar is relative: the error of the Triton kernels (vs float64) may be at most twice the error of the same
+attention written in plain PyTorch in the input dtype (FlashAttention's bar), or below a small floor.
+"""
 from __future__ import annotations
 
 import pytest
@@ -24,22 +28,46 @@ def reference(q, k, v, lens, causal, scale):
     return torch.cat(outs)
 
 
-def run_case(lens, HQ, HKV, D, causal, dtype, tol, backend="triton"):
+def plain(q, k, v, lens, causal, scale):
+    """The same attention in plain PyTorch in the inputs' dtype (matmuls in that dtype, softmax by torch)."""
+    outs, s0 = [], 0
+    rep = q.shape[1] // k.shape[1]
+    for L in lens:
+        qs, ks, vs = q[s0:s0 + L], k[s0:s0 + L].repeat_interleave(rep, 1), v[s0:s0 + L].repeat_interleave(rep, 1)
+        s = torch.einsum("qhd,khd->hqk", qs, ks) * scale
+        if causal:
+            s = s.masked_fill(torch.ones(L, L, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+        outs.append(torch.einsum("hqk,khd->qhd", torch.softmax(s, -1), vs))
+        s0 += L
+    return torch.cat(outs)
+
+
+def _grads(fn, q, k, v, dtype, do):
+    qq, kk, vv = (x.detach().clone().to(dtype).requires_grad_() for x in (q, k, v))
+    out = fn(qq, kk, vv)
+    (out.double() * do.double()).sum().backward()
+    return out, qq.grad, kk.grad, vv.grad
+
+
+def _rel_err(got, want):
+    return ((got.double() - want).norm() / want.norm().clamp_min(1.0)).item()  # dq is exactly 0 for T=1
+
+
+def run_case(lens, HQ, HKV, D, causal, dtype, floor, backend="triton"):
+    """Forward and the three gradients: error <= max(floor, 2 x plain PyTorch's error in ``dtype``)."""
     g = torch.Generator().manual_seed(sum(lens) + HQ * 7 + D)
     T = sum(lens)
     cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device=DEV)
     q, k, v = (torch.randn(T, h, D, generator=g).to(DEV) for h in (HQ, HKV, HKV))
     do = torch.randn(T, HQ, D, generator=g).to(DEV)
     scale = D ** -0.5
-    qq, kk, vv = (x.detach().clone().to(dtype).requires_grad_() for x in (q, k, v))
-    out = varlen_attention(qq, kk, vv, cu, max(lens), causal=causal, backend=backend)
-    (out.float() * do).sum().backward()
-    q0, k0, v0 = (x.detach().double().requires_grad_() for x in (q, k, v))
-    ref = reference(q0, k0, v0, lens, causal, scale)
-    (ref * do.double()).sum().backward()
-    for name, got, want in (("out", out, ref), ("dq", qq.grad, q0.grad), ("dk", kk.grad, k0.grad), ("dv", vv.grad, v0.grad)):
-        err = ((got.double() - want).norm() / want.norm().clamp_min(1.0)).item()  # dq is exactly 0 for T=1
-        assert err < tol, (name, err)
+    ours = _grads(lambda a, b, c: varlen_attention(a, b, c, cu, max(lens), causal=causal, backend=backend),
+                  q, k, v, dtype, do)
+    base = _grads(lambda a, b, c: plain(a, b, c, lens, causal, scale), q, k, v, dtype, do)
+    want = _grads(lambda a, b, c: reference(a, b, c, lens, causal, scale), q, k, v, torch.float64, do)
+    for name, got, bar, ref in zip(("out", "dq", "dk", "dv"), ours, base, want):
+        err, err_plain = _rel_err(got, ref), _rel_err(bar, ref)
+        assert err <= max(floor, 2 * err_plain), (name, err, err_plain)
 
 
 @pytest.mark.parametrize("lens", [[1], [1, 1, 3], [17, 40, 5], [70, 2, 9]])
@@ -56,7 +84,7 @@ def test_triton_head_dims_off_the_kernel_sizes_are_zero_padded(D):
 @pytest.mark.parametrize("causal", [True, False])
 def test_triton_noncausal_fp16_and_d64(causal):
     run_case([23, 48], 2, 1, 64, causal, torch.float32, 1e-5)
-    run_case([23, 48], 4, 2, 16, causal, torch.float16, 5e-3)
+    run_case([23, 48], 4, 2, 16, causal, torch.float16, 1e-6)
 
 
 @pytest.mark.parametrize("blocks", [(32, 16, 4, 1), (16, 32, 4, 1)])
@@ -78,6 +106,7 @@ def test_triton_unaligned_inputs():
     cu = torch.tensor([0, 9, 21], dtype=torch.int32, device=DEV)
     out = varlen_attention(q, k, v, cu, 12, backend="triton")
     torch.testing.assert_close(out, varlen_attention(q, k, v, cu, 12, backend="torch"), atol=1e-5, rtol=1e-5)
+    out.sum().item()  # the device ran both (a CUDA error would surface here)
 
 
 def test_torch_backend_and_bad_input():
@@ -98,7 +127,10 @@ def test_torch_backend_and_bad_input():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("lens", [[1, 300, 4097, 77], [2048, 2048]])
-@pytest.mark.parametrize("HQ,HKV,D", [(16, 16, 128), (32, 4, 128), (8, 1, 64)])
-def test_gpu_bf16(lens, HQ, HKV, D):
-    run_case(lens, HQ, HKV, D, True, torch.bfloat16, 2e-2)
+@pytest.mark.parametrize("lens", [[1, 300, 1500, 77], [1024, 1024]])
+@pytest.mark.parametrize("HQ,HKV,D", [(16, 16, 128), (32, 4, 128), (8, 1, 64), (12, 4, 80)])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_low_precision(lens, HQ, HKV, D, causal, dtype):
+    """GPU block sizes, GQA ratios 1/4/8, head dims 128, 64 and 80 (zero-padded to 128), both masks."""
+    run_case(lens, HQ, HKV, D, causal, dtype, 1e-6)

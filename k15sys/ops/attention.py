@@ -45,6 +45,9 @@ def _validate(q, k, v, cu_seqlens, max_seqlen) -> None:
 
 
 def _torch_varlen(q, k, v, cu_seqlens, causal, scale):
+    # SDPA's CUDA kernels pick their vectorised (aligned) variants from strides and head dim alone: an input
+    # starting off a 16-byte boundary crashes them with 'misaligned address' (pytorch/pytorch#183484)
+    q, k, v = _aligned(q), _aligned(k), _aligned(v)
     rep = q.shape[1] // k.shape[1]
     outs = []
     cu = cu_seqlens.tolist()
@@ -65,6 +68,11 @@ FWD_CONFIG: dict[int, tuple[int, int, int, int]] = {128: (128, 128, 8, 3), 64: (
 DKDV_CONFIG: dict[int, tuple[int, int, int, int]] = {128: (64, 128, 8, 3), 64: (64, 128, 8, 2)}
 DQ_CONFIG: dict[int, tuple[int, int, int, int]] = {128: (128, 64, 8, 4), 64: (128, 64, 8, 3)}
 _INTERPRETER_CONFIG = (16, 16, 4, 1)
+
+
+def _precision(q: torch.Tensor) -> str:
+    """``tl.dot`` input precision: full fp32 for fp32 inputs (not TF32), the tensor-core default otherwise."""
+    return "ieee" if q.dtype == torch.float32 else "tf32"
 
 
 def _config(table: dict[int, tuple[int, int, int, int]], q: torch.Tensor) -> tuple[int, int, int, int]:
@@ -100,8 +108,8 @@ class _VarlenAttention(torch.autograd.Function):
         bm, bn, warps, stages = _config(FWD_CONFIG, q)
         grid = (triton_cdiv(max_seqlen, bm), (cu.numel() - 1) * HQ)
         _fwd_kernel[grid](_desc(q, bm), _desc(k, bn), _desc(v, bn), o, lse, cu, scale * _LOG2E, HQ, o.stride(0),
-                          o.stride(1), GROUP=group, CAUSAL=causal, BLOCK_M=bm, BLOCK_N=bn, D=D, num_warps=warps,
-                          num_stages=stages)
+                          o.stride(1), GROUP=group, CAUSAL=causal, BLOCK_M=bm, BLOCK_N=bn, D=D, PREC=_precision(q),
+                          num_warps=warps, num_stages=stages)
         ctx.save_for_backward(q, k, v, o, lse, cu)
         ctx.cfg = (max_seqlen, causal, scale)
         return o
@@ -125,12 +133,14 @@ class _VarlenAttention(torch.autograd.Function):
         _bwd_dkdv_kernel[(triton_cdiv(max_seqlen, bn), nb * HKV)](
             _desc(q, bm), k, v, _desc(do, bm), lse, delta, dk, dv, cu, scale * _LOG2E, scale, HQ, HKV,
             k.stride(0), k.stride(1), v.stride(0), v.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
-            GROUP=group, CAUSAL=causal, BLOCK_M=bm, BLOCK_N=bn, D=D, num_warps=warps, num_stages=stages)
+            GROUP=group, CAUSAL=causal, BLOCK_M=bm, BLOCK_N=bn, D=D, PREC=_precision(q), num_warps=warps,
+            num_stages=stages)
         bm, bn, warps, stages = _config(DQ_CONFIG, q)
         _bwd_dq_kernel[(triton_cdiv(max_seqlen, bm), nb * HQ)](
             q, _desc(k, bn), _desc(v, bn), do, lse, delta, dq, cu, scale * _LOG2E, scale, HQ,
             q.stride(0), q.stride(1), do.stride(0), do.stride(1), dq.stride(0), dq.stride(1),
-            GROUP=group, CAUSAL=causal, BLOCK_M=bm, BLOCK_N=bn, D=D, num_warps=warps, num_stages=stages)
+            GROUP=group, CAUSAL=causal, BLOCK_M=bm, BLOCK_N=bn, D=D, PREC=_precision(q), num_warps=warps,
+            num_stages=stages)
         return dq, dk, dv, None, None, None, None
 
 

@@ -82,10 +82,21 @@ def _check_label_range(labels: torch.Tensor, V: int, ignore_index: int) -> None:
 
 
 # ------------------------------------------------------------------ row operations (per backend)
-def _rows_torch(logits, labels, lse, ent, lp, g_lp, g_ent, *, inv_temp, ignore_index, stats, grad) -> None:
+def _rows_torch(logits, labels, lse, ent, lp, g_lp, g_ent, *, inv_temp, ignore_index, stats, grad, col0=0,
+                part=None) -> None:
     z = logits.float() * inv_temp
     valid = labels != ignore_index
-    safe = torch.where(valid, labels, torch.zeros_like(labels)).long()
+    local = labels.long() - col0
+    inside = valid & (local >= 0) & (local < z.shape[1])
+    safe = torch.where(inside, local, torch.zeros_like(local))
+    if stats and part is not None:  # this chunk's (m, s, t, z_label), see merge_partials
+        m = z.max(dim=1).values
+        e = torch.exp(z - m[:, None])
+        part[0].copy_(m)
+        part[1].copy_(e.sum(dim=1))
+        part[2].copy_((e * z).sum(dim=1))
+        part[3].copy_(torch.where(inside, z.gather(1, safe[:, None]).squeeze(1), 0.0))
+        return
     if stats:
         lse_c = torch.logsumexp(z, dim=1)
         p = torch.exp(z - lse_c[:, None])
@@ -101,7 +112,7 @@ def _rows_torch(logits, labels, lse, ent, lp, g_lp, g_ent, *, inv_temp, ignore_i
         if g_ent is not None:
             ge = torch.where(valid, g_ent.float(), 0.0)
             d -= ge[:, None] * p * (z - lse_c[:, None] + ent_c[:, None])
-        d.scatter_add_(1, safe[:, None], gl[:, None])
+        d.scatter_add_(1, safe[:, None], torch.where(inside, gl, 0.0)[:, None])
         logits.copy_(d * inv_temp)
 
 
@@ -157,64 +168,168 @@ def _accumulate_dweight(dw: torch.Tensor, dlogits: torch.Tensor, h: torch.Tensor
         dw.addmm_(dlogits.T, h)
 
 
-def _stats(hidden, weight, labels, *, inv_temp, ignore_index, backend, chunk):
-    """(log-probs, entropy, lse) of every row, no gradient.
+def merge_partials(part: torch.Tensor, labels: torch.Tensor, ignore_index: int):
+    """(lse, entropy, logprob) [T] fp32 from per-chunk statistics ``part`` = fp32 [4, NCHUNK, T] holding each
+    vocabulary chunk's row max ``m``, ``s = sum e^(z-m)``, ``t = sum e^(z-m) z`` and the label's logit (0 where
+    the label lies outside the chunk)."""
+    m, s, t, z_label = part
+    mx = m.max(dim=0).values
+    w = torch.exp(m - mx)
+    s_tot = (s * w).sum(0)
+    lse = mx + torch.log(s_tot)
+    ent = lse - (t * w).sum(0) / s_tot
+    valid = labels != ignore_index
+    lp = z_label.sum(0) - lse
+    return lse, torch.where(valid, ent, 0.0), torch.where(valid, lp, 0.0)
 
-    ``chunk == 0``: the buffer-free Triton kernel (logit tiles never leave the chip); otherwise the
-    chunked path (cuBLAS logits chunk + row statistics), which is faster on an H100 (docs/fused_logprobs.md).
+
+_ACC_BYTES = 256 * 2**20  # the fp32 d hidden accumulator of one row block
+
+
+def _tiling(T: int, V: int, H: int, itemsize: int, rows: int | None, cols: int | None) -> tuple[int, int]:
+    """(rows, cols) of the [rows, cols] logits tile of the autograd path.
+
+    Rows: as many as the fp32 ``d hidden`` accumulator of a row block fits in 256 MiB (all of T up to
+    T = 16384 at H = 4096), so ``d weight`` is written once per vocabulary chunk with the whole row block as
+    the GEMM's K. Columns: the 640 MiB logits budget over those rows, a multiple of 128 (aligned GEMMs)."""
+    if rows is None:
+        r = max(1, _ACC_BYTES // max(1, 4 * H))
+        rows = min(max(T, 1), 1 << (r.bit_length() - 1))
+    if cols is None:
+        c = _DEFAULT_CHUNK_BYTES // max(1, rows * itemsize)
+        cols = max(1, min(V, max(128, c // 128 * 128)))
+    if rows < 1 or cols < 1:
+        raise ValueError(f"chunk/vocab_chunk: must be >= 1, got {rows}/{cols}")
+    return rows, cols
+
+
+def _tiles(T: int, V: int, rows: int, cols: int):
+    """(t0, t1, v0, v1, vocabulary chunk index) in forward order: row blocks outer, vocabulary chunks inner."""
+    for t0 in range(0, T, rows):
+        for j, v0 in enumerate(range(0, V, cols)):
+            yield t0, min(T, t0 + rows), v0, min(V, v0 + cols), j
+
+
+def _tile_view(flat: torch.Tensor, r: int, c: int) -> torch.Tensor:
+    return flat[: r * c].view(r, c)  # contiguous [r, c], whatever the tile's width
+
+
+def _tiled_stats(hidden, weight, labels, *, inv_temp, ignore_index, backend, rows, cols, keep_last):
+    """(logprob, entropy, lse, logits buffer or None): every [rows, cols] logits tile by cuBLAS, its partial
+    row statistics by the row kernel, merged over the vocabulary chunks at the end. With ``keep_last`` the
+    buffer is returned: it still holds the last tile's logits."""
+    T, V = hidden.shape[0], weight.shape[0]
+    part = torch.empty(4, -(-V // cols), T, dtype=torch.float32, device=hidden.device)
+    flat = torch.empty(min(rows, T) * min(cols, V), dtype=hidden.dtype, device=hidden.device)
+    for t0, t1, v0, v1, j in _tiles(T, V, rows, cols):
+        logits = torch.mm(hidden[t0:t1], weight[v0:v1].T, out=_tile_view(flat, t1 - t0, v1 - v0))
+        _ROWS[backend](logits, labels[t0:t1], None, None, None, None, None, inv_temp=inv_temp,
+                       ignore_index=ignore_index, stats=True, grad=False, col0=v0, part=part[:, j, t0:t1])
+    lse, ent, lp = merge_partials(part, labels, ignore_index)
+    return lp, ent, lse, (flat if keep_last else None)
+
+
+class _Fp32Acc:
+    """``acc (+)= a @ b`` in fp32 for 16-bit ``a``, ``b``: cuBLAS writes fp32 straight (``out_dtype``) where
+    torch supports it; elsewhere (CPU, older torch) the product is upcast before the add."""
+
+    native = True
+
+    @classmethod
+    def mm(cls, acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, first: bool) -> None:
+        if a.dtype == torch.float32:
+            torch.mm(a, b, out=acc) if first else acc.addmm_(a, b)
+            return
+        if cls.native and a.is_cuda:
+            try:
+                if first:
+                    torch.mm(a, b, out_dtype=torch.float32, out=acc)
+                else:
+                    torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+                return
+            except (RuntimeError, TypeError):
+                cls.native = False
+        prod = torch.mm(a, b).float()
+        acc.copy_(prod) if first else acc.add_(prod)
+
+
+def _tiled_backward(hidden, weight, labels, lse, ent, g_lp, g_ent, held, *, inv_temp, ignore_index, backend,
+                    rows, cols, need_dh, need_dw):
+    """d hidden, d weight, tile by tile in the reverse of the forward's order, so the first tile is the one
+    whose logits the forward's buffer ``held`` still holds (no recomputation for it). Per vocabulary chunk ``d weight`` is
+    written once per row block (``dlogits^T h``, K = the row block) and ``d hidden`` accumulates in fp32."""
+    T, H = hidden.shape
+    V = weight.shape[0]
+    dh = torch.empty_like(hidden) if need_dh else None
+    dw = (torch.empty_like(weight) if T else torch.zeros_like(weight)) if need_dw else None
+    if T == 0:
+        return dh, dw
+    acc = torch.empty(min(rows, T), H, dtype=torch.float32, device=hidden.device) if need_dh else None
+    flat = held if held is not None else torch.empty(min(rows, T) * min(cols, V), dtype=hidden.dtype,
+                                                     device=hidden.device)
+    last_t0 = (T - 1) // rows * rows
+    for n, (t0, t1, v0, v1, _) in enumerate(reversed(list(_tiles(T, V, rows, cols)))):
+        h = hidden[t0:t1]
+        if n == 0 and held is not None:
+            logits = _tile_view(flat, t1 - t0, v1 - v0)
+        else:
+            logits = torch.mm(h, weight[v0:v1].T, out=_tile_view(flat, t1 - t0, v1 - v0))
+        _ROWS[backend](logits, labels[t0:t1], lse[t0:t1], ent[t0:t1], None, g_lp[t0:t1],
+                       None if g_ent is None else g_ent[t0:t1], inv_temp=inv_temp, ignore_index=ignore_index,
+                       stats=False, grad=True, col0=v0)
+        if need_dw:  # the last row block comes first: it writes, the others accumulate
+            if t0 == last_t0:
+                torch.mm(logits.T, h, out=dw[v0:v1])
+            else:
+                dw[v0:v1].addmm_(logits.T, h)
+        if need_dh:  # a row block's chunks come last-first: the last chunk writes the accumulator
+            _Fp32Acc.mm(acc[: t1 - t0], logits, weight[v0:v1], first=v1 == V)
+            if v0 == 0:
+                dh[t0:t1].copy_(acc[: t1 - t0])
+    return dh, dw
+
+
+def _stats(hidden, weight, labels, *, inv_temp, ignore_index, backend, rows, cols, keep_last):
+    """(log-probs, entropy, lse, logits buffer holding the last tile, or None) of every row.
+
+    ``rows == 0``: the buffer-free Triton kernel (logit tiles never leave the chip); otherwise the tiled
+    path (cuBLAS logits tile + row statistics), which is faster (docs/fused_logprobs.md).
     """
-    if chunk == 0:
+    if rows == 0:
         if hidden.shape[0] == 0:
             empty = hidden.new_zeros(0, dtype=torch.float32)
-            return empty, empty, empty
-        from k15sys.kernels.fused_logprobs import launch_stats, merge_partials
+            return empty, empty, empty, None
+        from k15sys.kernels.fused_logprobs import launch_stats
 
         part = launch_stats(hidden, weight, labels, inv_temp=inv_temp)
         lse, ent, lp = merge_partials(part, labels, ignore_index)
-        return lp, ent, lse
-    lp, ent, lse, _, _ = _forward_stats(hidden, weight, labels, inv_temp=inv_temp, ignore_index=ignore_index,
-                                        backend=backend, chunk=chunk)
-    return lp, ent, lse
-
-
-def _backward(hidden, weight, labels, lse, ent, g_lp, g_ent, *, inv_temp, ignore_index, backend, chunk):
-    T = hidden.shape[0]
-    dh = torch.empty_like(hidden)
-    dw = torch.empty_like(weight) if T else torch.zeros_like(weight)
-    rows = _ROWS[backend]
-    buf = _logits_buffer(hidden, weight, chunk)
-    for c0 in range(0, T, chunk):
-        c1 = min(T, c0 + chunk)
-        h = hidden[c0:c1]
-        logits = torch.mm(h, weight.T, out=buf[: c1 - c0])
-        rows(logits, labels[c0:c1], lse[c0:c1], ent[c0:c1], None, g_lp[c0:c1],
-             None if g_ent is None else g_ent[c0:c1],
-             inv_temp=inv_temp, ignore_index=ignore_index, stats=False, grad=True)
-        torch.mm(logits, weight, out=dh[c0:c1])
-        _accumulate_dweight(dw, logits, h, first=c0 == 0)
-    return dh, dw
+        return lp, ent, lse, None
+    return _tiled_stats(hidden, weight, labels, inv_temp=inv_temp, ignore_index=ignore_index, backend=backend,
+                        rows=rows, cols=cols, keep_last=keep_last)
 
 
 class _FusedLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, inv_temp, ignore_index, backend, fwd_chunk, chunk):
-        lp, ent, lse = _stats(hidden, weight, labels, inv_temp=inv_temp, ignore_index=ignore_index,
-                              backend=backend, chunk=fwd_chunk)
+    def forward(ctx, hidden, weight, labels, inv_temp, ignore_index, backend, fwd_rows, rows, cols, keep):
+        lp, ent, lse, held = _stats(hidden, weight, labels, inv_temp=inv_temp, ignore_index=ignore_index,
+                                    backend=backend, rows=fwd_rows, cols=cols, keep_last=keep)
         ctx.save_for_backward(hidden, weight, labels, lse, ent)
-        ctx.cfg = (inv_temp, ignore_index, backend, chunk)
+        ctx.held = held  # the logits buffer, holding the last tile (freed with the graph, or by the backward)
+        ctx.cfg = (inv_temp, ignore_index, backend, rows, cols)
         return lp, ent
 
     @staticmethod
     def backward(ctx, g_lp, g_ent):
         hidden, weight, labels, lse, ent = ctx.saved_tensors
-        inv_temp, ignore_index, backend, chunk = ctx.cfg
+        inv_temp, ignore_index, backend, rows, cols = ctx.cfg
+        held, ctx.held = ctx.held, None
         if g_lp is None:
             g_lp = torch.zeros_like(lse)
-        dh, dw = _backward(hidden, weight, labels, lse, ent, g_lp.contiguous(),
-                           None if g_ent is None else g_ent.contiguous(),
-                           inv_temp=inv_temp, ignore_index=ignore_index, backend=backend, chunk=chunk)
-        return (dh if ctx.needs_input_grad[0] else None, dw if ctx.needs_input_grad[1] else None,
-                None, None, None, None, None, None)
+        dh, dw = _tiled_backward(hidden, weight, labels, lse, ent, g_lp.contiguous(),
+                                 None if g_ent is None else g_ent.contiguous(), held, inv_temp=inv_temp,
+                                 ignore_index=ignore_index, backend=backend, rows=rows, cols=cols,
+                                 need_dh=ctx.needs_input_grad[0], need_dw=ctx.needs_input_grad[1])
+        return dh, dw, None, None, None, None, None, None, None, None
 
 
 def fused_logprobs(
@@ -227,8 +342,12 @@ def fused_logprobs(
     ignore_index: int = -100,
     backend: Backend = "auto",
     chunk: int | None = None,
+    vocab_chunk: int | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Per-token ``log softmax(hidden @ weight.T / temperature)[label]`` without materialising [T, V].
+
+    The logits are computed in ``[chunk, vocab_chunk]`` tiles into one reused buffer (about 640 MiB); the
+    backward recomputes them tile by tile, except the forward's last tile, which is kept for it.
 
     Args:
         hidden: [T, H] final hidden states (fp32, fp16 or bf16).
@@ -237,11 +356,11 @@ def fused_logprobs(
         temperature: the sampling temperature of the rollout (divides the logits).
         return_entropy: also return the per-token entropy of the tempered distribution.
         backend: ``"auto"`` | ``"triton"`` | ``"torch"`` (see the module docstring).
-        chunk: rows per LM-head chunk; default: the largest power of two whose logits fit in 640 MiB.
-            Larger chunks mean fewer read-modify-writes of d weight (one per chunk). ``0`` (Triton backend
-            only): the forward statistics come from the buffer-free fused kernel (no logits buffer at all,
-            for memory-critical no-grad passes; 1.03-1.15x slower than the chunked forward on an H100),
-            and a backward, if any, uses the default chunk.
+        chunk: rows per logits tile; default: as many as a 256 MiB fp32 ``d hidden`` accumulator holds (all of
+            T up to 65536 / H). ``0`` (Triton backend only): the forward statistics come from the buffer-free
+            fused kernel (no logits buffer at all, for memory-critical no-grad passes), and a backward, if any,
+            uses the default tiles.
+        vocab_chunk: vocabulary columns per logits tile; default: a multiple of 128 that fills 640 MiB.
 
     Returns:
         fp32 ``logprobs[T]`` (and fp32 ``entropy[T]``), differentiable w.r.t. ``hidden`` and ``weight``.
@@ -251,9 +370,14 @@ def fused_logprobs(
     be = _pick_backend(backend, hidden.device)
     if chunk == 0 and be != "triton":
         raise ValueError(f"chunk: 0 (buffer-free forward) needs the triton backend, got backend {be!r}")
-    n = _chunk_rows(hidden.shape[0], weight.shape[0], hidden.element_size(), None if chunk == 0 else chunk)
+    for name, val in (("chunk", chunk), ("vocab_chunk", vocab_chunk)):
+        if val is not None and val < (0 if name == "chunk" else 1):
+            raise ValueError(f"{name}: must be >= 1 (chunk 0: buffer-free forward), got {val}")
+    T, H = hidden.shape
+    rows, cols = _tiling(T, weight.shape[0], H, hidden.element_size(), None if chunk == 0 else chunk, vocab_chunk)
+    keep = chunk != 0 and torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     lp, ent = _FusedLogprobs.apply(hidden.contiguous(), weight.contiguous(), labels.contiguous(),
-                                   1.0 / temperature, ignore_index, be, 0 if chunk == 0 else n, n)
+                                   1.0 / temperature, ignore_index, be, 0 if chunk == 0 else rows, rows, cols, keep)
     return (lp, ent) if return_entropy else lp
 
 
