@@ -208,14 +208,20 @@ def test_paged_decode_attention_matches_float64(backend):
         paged_decode_attention(q.to(dev), kc.to(dev), vc.to(dev), bt.to(dev), lens.to(dev), splits=3, backend="triton")
 
 
-def test_engine_with_triton_decode_kernel_on_interpreter():
+@pytest.mark.parametrize("build", [_qwen2, _llama], ids=["qwen2", "llama"])
+def test_engine_with_triton_kernels_on_interpreter(build):
+    """Decode attention, fused norms and rotary / cache writes as Triton kernels (the CUDA path, without graphs)."""
     if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("triton needs CUDA or TRITON_INTERPRET=1")
-    model = _qwen2()
+    model = build()
+    want = [_hf_greedy(model, p, 4) for p in PROMPTS[:2]]
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    eng = _engine(model, device=dev, attention_backend="triton", cuda_graphs=False)
+    eng = _engine(model, device=dev, attention_backend="triton", fused_kernels=True, cuda_graphs=False)
     outs = eng.generate(PROMPTS[:2], SamplingParams(4, temperature=0))
-    assert [o.token_ids for o in outs] == [_hf_greedy(model.cpu(), p, 4) for p in PROMPTS[:2]]
+    assert [o.token_ids for o in outs] == want
+    ref = _engine(model, device=dev, attention_backend="torch", fused_kernels=False, cuda_graphs=False)
+    for o, r in zip(outs, ref.generate(PROMPTS[:2], SamplingParams(4, temperature=0))):
+        assert np.allclose(o.logprobs, r.logprobs, atol=1e-4)
 
 
 @pytest.mark.gpu

@@ -75,29 +75,68 @@ class _Decoder:
         cos, sin = self.base.rotary_emb(probe, pos)
         return cos[0].contiguous(), sin[0].contiguous()
 
-    def forward(self, ids: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: torch.Tensor, slots: torch.Tensor,
-                attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]) -> torch.Tensor:
-        """Hidden states after the final norm, ``[T, hidden]``. Writes each token's K/V to ``slots`` of the cache
-        ``kv`` ([layers, 2, pages * page_size, Hkv, D] view); ``attend(q, k, v, layer)`` gives the attention output."""
+    def forward(self, ids: torch.Tensor, pos: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], kv: torch.Tensor,
+                slots: torch.Tensor, attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor],
+                fused: bool = False) -> torch.Tensor:
+        """Hidden states after the final norm, ``[T, hidden]``, of tokens ``ids`` at positions ``pos``. Writes each
+        token's K/V to ``slots`` of the cache ``kv`` ([layers, 2, pages * page_size, Hkv, D]); ``attend(q, k, v,
+        layer)`` gives the attention output. ``fused``: norms and rotary embedding through the Triton kernels of
+        ``k15sys.kernels.paged_fused`` (fewer kernels per step); otherwise the model's own modules."""
+        if fused:
+            return self._forward_fused(ids, pos, rope, kv, slots, attend)
         T = ids.shape[0]
         x = self.base.embed_tokens(ids)
-        cos, sin = cos[:, None, :], sin[:, None, :]
+        cos, sin = rope[0][pos][:, None, :], rope[1][pos][:, None, :]
         for i, layer in enumerate(self.base.layers):
-            a = layer.self_attn
-            h = layer.input_layernorm(x)
-            q = a.q_proj(h).view(T, -1, self.head_dim)
-            k = a.k_proj(h).view(T, -1, self.head_dim)
-            v = a.v_proj(h).view(T, -1, self.head_dim)
-            if hasattr(a, "q_norm"):  # Qwen3: per-head RMSNorm before the rotary embedding
-                q, k = a.q_norm(q), a.k_norm(k)
+            q, k, v = self._qkv(layer.self_attn, layer.input_layernorm(x))
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
             kv[i, 0].index_copy_(0, slots, k)
             kv[i, 1].index_copy_(0, slots, v)
-            o = attend(q, k, v, i)
-            x = x + a.o_proj(o.reshape(T, -1))
+            x = x + layer.self_attn.o_proj(attend(q, k, v, i).reshape(T, -1))
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         return self.base.norm(x)
+
+    def _qkv(self, a: torch.nn.Module, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        T = h.shape[0]
+        q = a.q_proj(h).view(T, -1, self.head_dim)
+        k = a.k_proj(h).view(T, -1, self.head_dim)
+        v = a.v_proj(h).view(T, -1, self.head_dim)
+        if hasattr(a, "q_norm"):  # Qwen3: per-head RMSNorm before the rotary embedding
+            q, k = a.q_norm(q), a.k_norm(k)
+        return q, k, v
+
+    def _forward_fused(self, ids, pos, rope, kv, slots, attend) -> torch.Tensor:
+        from k15sys.kernels.paged_fused import _add_rmsnorm_kernel, _rope_store_kernel
+
+        T = ids.shape[0]
+        x = self.base.embed_tokens(ids)
+        h = torch.empty_like(x)
+        block = 1 << (x.shape[1] - 1).bit_length()
+        hq_pad = 1 << (max(self.num_heads, self.num_kv_heads) - 1).bit_length()
+        cos, sin = rope
+
+        def norm(delta: torch.Tensor | None, module: torch.nn.Module) -> None:
+            eps = float(getattr(module, "variance_epsilon", getattr(module, "eps", 1e-6)))
+            _add_rmsnorm_kernel[(T,)](x, x if delta is None else delta, module.weight, h, eps, x.shape[1], x.stride(0),
+                                      x.stride(0) if delta is None else delta.stride(0), h.stride(0),
+                                      HAS_DELTA=delta is not None, BLOCK=block, num_warps=4)
+
+        delta = None
+        for i, layer in enumerate(self.base.layers):
+            a = layer.self_attn
+            norm(delta, layer.input_layernorm)
+            q, k, v = self._qkv(a, h)
+            kc, vc = kv[i, 0], kv[i, 1]
+            _rope_store_kernel[(T,)](q, k, v, cos, sin, pos, slots, kc, vc, q.stride(0), q.stride(1), k.stride(0),
+                                     k.stride(1), v.stride(0), v.stride(1), cos.stride(0), kc.stride(0), kc.stride(1),
+                                     self.num_heads, self.num_kv_heads, H_PAD=hq_pad, HALF=self.head_dim // 2,
+                                     num_warps=1)
+            delta = a.o_proj(attend(q, k, v, i).reshape(T, -1))
+            norm(delta, layer.post_attention_layernorm)
+            delta = layer.mlp(h)
+        norm(delta, self.base.norm)
+        return h
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.get_output_embeddings()(hidden)
@@ -174,6 +213,8 @@ class PagedEngine:
         sync_every: decode steps between two looks of the host at the tokens (stop tokens, repeats, budgets).
         cuda_graphs: capture decode steps as CUDA graphs (CUDA only).
         attention_backend: decode attention backend of :func:`paged_decode_attention`.
+        fused_kernels: norms, rotary embedding and cache writes through Triton kernels (default: on CUDA);
+            otherwise the model's own modules (transformers' exact arithmetic).
         repeat_detector: factory of a per-sequence detector (None disables repeat stops).
         pad_token_id: accepted for drop-in compatibility with ``TorchEngine`` (nothing is padded here).
     """
@@ -192,6 +233,7 @@ class PagedEngine:
         sync_every: int = 32,
         cuda_graphs: bool = True,
         attention_backend: str = "auto",
+        fused_kernels: bool | None = None,
         repeat_detector: Callable[[], RepeatDetector] | None = RepeatDetector,
         pad_token_id: int = 0,
     ) -> None:
@@ -213,6 +255,9 @@ class PagedEngine:
         self.sync_every = sync_every
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
         self.attention_backend = attention_backend
+        self.fused_kernels = self.device.type == "cuda" if fused_kernels is None else bool(fused_kernels)
+        if self.decoder.head_dim % 2 or self.decoder.head_dim & (self.decoder.head_dim - 1):
+            self.fused_kernels = False  # the rotary kernel reads power-of-two head halves
         self.repeat_detector = repeat_detector
         self.pad_token_id = pad_token_id
         self.weight_version = 0
@@ -330,7 +375,7 @@ class PagedEngine:
 
         ids_t = torch.tensor(ids, dtype=torch.long, device=dev)
         slot_t = torch.tensor(slots, dtype=torch.long, device=dev)
-        hidden = self.decoder.forward(ids_t, self._cos[pos], self._sin[pos], self._kv, slot_t, attend)
+        hidden = self.decoder.forward(ids_t, pos, (self._cos, self._sin), self._kv, slot_t, attend, self.fused_kernels)
         return self.decoder.logits(hidden[cu[1:].long() - 1])
 
     def _decode_forward(self, n: int) -> torch.Tensor:
@@ -348,7 +393,7 @@ class PagedEngine:
                                           softmax_scale=self.decoder.scale, splits=splits,
                                           backend=self.attention_backend)
 
-        hidden = self.decoder.forward(tokens, self._cos[pos], self._sin[pos], kv, slots, attend)
+        hidden = self.decoder.forward(tokens, pos, (self._cos, self._sin), kv, slots, attend, self.fused_kernels)
         return self.decoder.logits(hidden)
 
     def _decode_step(self, n: int) -> torch.Tensor:
