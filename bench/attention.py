@@ -2,21 +2,21 @@
 
 Shapes (issue 4): causal, bf16, D=128, 16 heads, S in {8192 x 8, 32768 x 2, 131072 x 1}; TFLOP/s counted as
 4*S^2*H*D/2 per sequence for the forward and 3.5x that for forward+backward. Plus a packed long-tail batch
-(64k tokens, lognormal lengths between 500 and 32k) against running SDPA once per sequence. All in one run
+(64k tokens, lognormal lengths between 500 and 32k) against running SDPA once per sequence, and issue 21's
+packed mix (131,072 tokens: 1 x 65,536, 4 x 8,192, 14 of 1-4k) fwd+bwd, k15 in one varlen call against
+cuDNN and FlashAttention-2 (SDPA backends) once per sequence. All in one run
 on the same inputs. ``--quick`` runs tiny CPU shapes (torch backend vs SDPA math) to exercise the script.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import time
-from pathlib import Path
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+import benchlib
 from k15sys.ops.attention import varlen_attention
 
 
@@ -114,6 +114,49 @@ def packed_case(total, H, D, dev, dtype, backend, reps, lo, hi):
             "sdpa_per_sequence_fwd_bwd_ms": peer, "speedup": peer / ours}
 
 
+def mix_lengths(big: int, mid: int, n_mid: int, n_small: int, lo: int, hi: int, total: int) -> list[int]:
+    """Issue 21's packed long-tail mix: one ``big`` sequence, ``n_mid`` of ``mid`` tokens and ``n_small`` of
+    ``lo``..``hi`` tokens (seeded), the small ones scaled so that the batch holds exactly ``total`` tokens."""
+    rest = total - big - n_mid * mid
+    raw = np.random.default_rng(0).uniform(lo, hi, n_small)
+    small = [int(x) for x in np.floor(raw * rest / raw.sum())]
+    small[-1] += rest - sum(small)
+    return [big] + [mid] * n_mid + small
+
+
+def mix_case(lens, H, D, dev, dtype, backend, reps, peers):
+    """fwd+bwd of one packed batch: k15 in one varlen call vs each SDPA backend called once per sequence."""
+    T = sum(lens)
+    g = torch.Generator(device="cpu").manual_seed(2)
+    q, k, v = (torch.randn(T, H, D, generator=g).to(dev, dtype).requires_grad_() for _ in range(3))
+    cu = torch.tensor([0] + np.cumsum(lens).tolist(), dtype=torch.int32, device=dev)
+    bounds = list(zip(cu[:-1].tolist(), cu[1:].tolist()))
+
+    def per_seq(peer):
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        be = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}[peer]
+
+        def run():
+            with sdpa_kernel(be):
+                outs = [F.scaled_dot_product_attention(*(x[a:b].transpose(0, 1)[None] for x in (q, k, v)),
+                                                       is_causal=True)[0].transpose(0, 1) for a, b in bounds]
+            torch.cat(outs).backward(torch.ones(T, H, D, device=dev, dtype=dtype))
+        return run
+
+    flops = sum(4 * L * L * H * D / 2 for L in lens) * 3.5
+    row = {"tokens": T, "sequences": len(lens), "lengths": lens, "heads": H, "head_dim": D}
+    row["k15_fwd_bwd_ms"] = bench(ours_fn(q, k, v, cu, max(lens), True, backend), reps)
+    row["k15_fwd_bwd_tflops"] = flops / row["k15_fwd_bwd_ms"] / 1e9
+    for p in peers:
+        try:
+            row[f"{p}_per_sequence_fwd_bwd_ms"] = bench(per_seq(p), reps)
+            row[f"speedup_vs_{p}_per_sequence"] = row[f"{p}_per_sequence_fwd_bwd_ms"] / row["k15_fwd_bwd_ms"]
+        except RuntimeError as e:
+            row[f"{p}_per_sequence_error"] = str(e)[:200]
+    return row
+
+
 def sweep(dev, dtype) -> dict:
     """Try block configurations at S=32768 x 2 (D=128) and install the fastest: forward configs on the forward,
     then dK/dV configs and dQ configs (one kernel at a time, the other held) on forward + backward."""
@@ -143,21 +186,38 @@ def sweep(dev, dtype) -> dict:
     return out
 
 
+def summary(result: dict) -> list[str]:
+    lines = [f"attention on {result['device']}: causal varlen, k15 times; speed-up = peer time / k15 time"]
+    for r in result["cases"]:
+        peers = ", ".join(f"{k[len('speedup_vs_'):]} {v:.2f}x" for k, v in r.items() if k.startswith("speedup_vs_"))
+        lines.append(f"  B={r['B']} S={r['S']}: fwd {r['k15_fwd_ms']:.2f} ms, fwd+bwd {r['k15_fwd_bwd_ms']:.2f} ms; "
+                     f"speed-up {peers}")
+    pk = result["packed_long_tail"]
+    lines.append(f"  packed long tail ({pk['sequences']} sequences, {pk['tokens']} tokens): {pk['speedup']:.2f}x "
+                 f"vs SDPA per sequence")
+    mx = result["packed_mix"]
+    peers = ", ".join(f"{k[len('speedup_vs_'):]} {v:.2f}x" for k, v in mx.items() if k.startswith("speedup_vs_"))
+    lines.append(f"  packed mix ({mx['sequences']} sequences, {mx['tokens']} tokens) fwd+bwd: k15 "
+                 f"{mx['k15_fwd_bwd_ms']:.1f} ms in one call; speed-up {peers}")
+    return lines
+
+
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--out", default=None)
+    ap = benchlib.parser(__doc__, quick_help="tiny CPU shapes (torch backend vs SDPA math): exercises the script")
     ap.add_argument("--sweep", action="store_true", help="GPU: pick block sizes first (printed and recorded)")
     args = ap.parse_args()
-    if args.quick or not torch.cuda.is_available():
+    benchlib.require_gpus(args, "attention")
+    if args.quick:
         dev, dtype, backend, peers, reps = "cpu", torch.float32, "torch", ["math"], 2
         cases = [(2, 256, 4, 64)]
         packed = (4096, 4, 64, 100, 1024)
+        mix = (mix_lengths(1024, 128, 4, 14, 16, 64, 2048), 4, 64)
         name = "cpu"
     else:
         dev, dtype, backend, peers, reps = "cuda", torch.bfloat16, "triton", ["flash", "cudnn"], 5
         cases = [(8, 8192, 16, 128), (2, 32768, 16, 128), (1, 131072, 16, 128)]
         packed = (65536, 16, 128, 500, 32768)
+        mix = (mix_lengths(65536, 8192, 4, 14, 1024, 4096, 131072), 16, 128)
         name = torch.cuda.get_device_name().replace(" ", "_")
     tuned = sweep(dev, dtype) if args.sweep and dev == "cuda" else None
     rows = []
@@ -165,11 +225,9 @@ def main() -> None:
         rows.append(uniform_case(B, S, H, D, dev, dtype, peers, backend, reps))
         print(json.dumps(rows[-1]), flush=True)
     result = {"bench": "attention", "device": name, "torch": torch.__version__, "sweep": tuned, "cases": rows,
-              "packed_long_tail": packed_case(*packed[:3], dev, dtype, backend, reps, *packed[3:])}
-    path = args.out or f"bench/results/attention_{name}.json"
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(result, indent=2))
-    print(json.dumps(result))
+              "packed_long_tail": packed_case(*packed[:3], dev, dtype, backend, reps, *packed[3:]),
+              "packed_mix": mix_case(*mix, dev, dtype, backend, reps, peers)}
+    benchlib.finish(result, benchlib.result_path(args, f"attention_{name}.json"), summary(result))
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@ alternate (default, det, default, det) so load changes on the machine hit both a
 is a subprocess.
 
 ``--quick`` runs a tiny model on the CPU (where both modes are reproducible); the full case runs the main
-job's model on CUDA. The last line printed is one JSON object; ``--out`` also writes it to a file.
+job's model on CUDA and refuses (exit 2) without a GPU. A short summary, then one JSON object on the last
+line; the JSON goes to ``--out`` (default runs/bench/, ``--update-results``: bench/results/).
 """
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ import tempfile
 from pathlib import Path
 
 import torch
+
+import benchlib
 
 KEYS = ("rl/loss", "rl/grad_norm", "rl/kl_ref", "rl/entropy")
 STAGES = ("iteration", "rollout", "train")
@@ -44,16 +47,15 @@ def one_run(out: str, overrides: list[str]) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="tiny model on the CPU")
+    ap = benchlib.parser(__doc__.splitlines()[0], quick_help="tiny model on the CPU")
     ap.add_argument("--iterations", type=int, default=20)
-    ap.add_argument("--out", default=None, help="also write the JSON result here")
     ap.add_argument("--child", nargs=2, metavar=("OUT", "OVERRIDES_JSON"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         print(json.dumps(one_run(args.child[0], json.loads(args.child[1]))))
         return
-    device = "cpu" if args.quick or not torch.cuda.is_available() else "cuda"
+    benchlib.require_gpus(args, "determinism")
+    device = "cpu" if args.quick else "cuda"
     base = [f"rl.iterations={args.iterations}", "run.progress=false", "run.tensorboard=false", f"run.device={device}",
             "eval.every=1000", "run.checkpoint_every=1000", "sft.steps=300"]
     if args.quick:
@@ -79,10 +81,14 @@ def main() -> None:
     for st in STAGES:
         key = f"median_{st}_s"
         result[f"deterministic_{st}_time_ratio"] = result["deterministic"][key] / result["default"][key]
-    text = json.dumps(result)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
-    print(text)
+    lines = [f"determinism on {result['device']}, {args.iterations} RL iterations, two runs per mode:"]
+    for mode in runs:
+        r = result[mode]
+        same = "bit-identical" if r["bit_identical"] else f"differ from iteration {r['first_differing_iteration']}"
+        lines.append(f"  {mode}: {same}; median iteration {r['median_iteration_s']:.3f} s")
+    lines.append(f"  deterministic / default time per iteration: {result['deterministic_iteration_time_ratio']:.2f}x")
+    name = "cpu_quick" if args.quick else result["device"].replace(" ", "_")
+    benchlib.finish(result, benchlib.result_path(args, f"determinism_{name}.json"), lines)
 
 
 if __name__ == "__main__":

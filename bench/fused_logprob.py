@@ -7,6 +7,7 @@ hidden [T, H], LM head [V, H]. Implementations, all in one run on the same input
 * ``liger``: Liger-Kernel's fused linear cross-entropy, reduction="none" (loss = -logprob);
 * ``cce``: cut-cross-entropy ``linear_cross_entropy``, reduction="none";
 * ``k15_autograd``: ``fused_logprobs(..., return_entropy=True)`` then autograd (entropy returned);
+  ``k15_autograd_entgrad``: with a gradient through the entropy too; ``k15_autograd_noent``: log-probs only;
 * ``k15_fused_loss``: ``fused_logprob_loss(h, W, y, w)`` (gradient produced in the forward; entropy
   returned too), which is how the k1.5 trainer calls it; ``k15_fused_loss_c<N>``: the same with a
   ``[N, V]`` logits chunk (the memory / speed trade-off), ``k15_fused_loss_entgrad``: with an entropy
@@ -24,15 +25,14 @@ everyone; the floor is that count at the measured bf16 GEMM rate of the same GPU
 """
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
+import benchlib
 from k15sys.ops.logprobs import fused_logprob_loss, fused_logprobs
 
 
@@ -49,6 +49,18 @@ def k15_autograd(h, w, y, coef):
     lp, ent = fused_logprobs(h, w, y, return_entropy=True)
     (lp * coef).sum().backward()
     return lp, ent
+
+
+def k15_autograd_entgrad(h, w, y, coef):
+    lp, ent = fused_logprobs(h, w, y, return_entropy=True)
+    ((lp * coef).sum() + (ent * (0.01 * coef)).sum()).backward()
+    return lp, ent
+
+
+def k15_autograd_noent(h, w, y, coef):
+    lp = fused_logprobs(h, w, y)
+    (lp * coef).sum().backward()
+    return lp, None
 
 
 def k15_fused_loss(h, w, y, coef, chunk=None):
@@ -190,14 +202,22 @@ def run_case(T, H, V, dev, dtype, impls, iters, warmup, ref_impl="naive", grad=T
     return {"T": T, "H": H, "V": V, "dtype": str(dtype).replace("torch.", ""), "grad": grad, "impls": rows}
 
 
+def summary(out: dict) -> list[str]:
+    lines = [f"fused_logprob on {out['device']}: ms per call, each implementation on the same inputs"]
+    for r in out["cases"]:
+        what = "fwd+bwd" if r["grad"] else "fwd only"
+        cells = ", ".join(f"{n} {row['ms']:.1f}" if "ms" in row else f"{n} failed" for n, row in r["impls"].items())
+        lines.append(f"  T={r['T']} H={r['H']} V={r['V']} {what}: {cells}")
+    return lines
+
+
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--quick", action="store_true", help="CPU-sized case, < 1 minute")
-    ap.add_argument("--out", default=None)
+    ap = benchlib.parser(__doc__, quick_help="CPU-sized case, < 1 minute: exercises the script")
     args = ap.parse_args()
+    benchlib.require_gpus(args, "fused_logprob")
     impls = {"naive": naive, "k15_autograd": k15_autograd, "k15_fused_loss": k15_fused_loss}
     fwd_impls = {"fwd_naive": fwd_naive}
-    if args.quick or not torch.cuda.is_available():
+    if args.quick:
         dev, dtype = "cpu", torch.float32
         cases = [(512, 256, 8000, True)]
         iters, warmup = 3, 1
@@ -210,7 +230,8 @@ def main() -> None:
             except ImportError as e:
                 print(f"peer {name} unavailable: {e}")
         fwd_impls.update(fwd_k15_fused=fwd_k15_fused, fwd_k15_chunked=fwd_k15_chunked)
-        main_impls = dict(impls, k15_fused_loss_entgrad=k15_fused_loss_entgrad)
+        main_impls = dict(impls, k15_autograd_entgrad=k15_autograd_entgrad, k15_autograd_noent=k15_autograd_noent,
+                          k15_fused_loss_entgrad=k15_fused_loss_entgrad)
         for c in (1024, 4096):
             main_impls[f"k15_fused_loss_c{c}"] = lambda h, w, y, coef, c=c: k15_fused_loss(h, w, y, coef, chunk=c)
         cases = [(16384, 4096, 151936, True, main_impls), (4096, 4096, 151936, True), (65536, 4096, 151936, True),
@@ -238,10 +259,8 @@ def main() -> None:
         import triton
 
         out["triton"] = triton.__version__
-    path = args.out or f"bench/results/fused_logprob_{'cpu' if dev == 'cpu' else device_name.replace(' ', '_')}.json"
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(out, indent=2))
-    print(json.dumps(out))
+    name = "cpu" if dev == "cpu" else device_name.replace(" ", "_")
+    benchlib.finish(out, benchlib.result_path(args, f"fused_logprob_{name}.json"), summary(out))
 
 
 if __name__ == "__main__":

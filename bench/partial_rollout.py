@@ -13,18 +13,20 @@
    model whose lengths have a long tail (a rare stop token), with a budget equal to the max length
    (synchronous) vs a small budget (partial), until the same number of groups is emitted; tokens/s,
    groups/s, worker idle time, and a PNG of every engine call per worker.
-``--quick`` takes a few seconds. The last line printed is one JSON object.
+``--quick`` takes a few seconds. A short summary, then one JSON object on the last line. The JSON and the
+two PNGs go to runs/bench/ (``--out``: the JSON's path, PNGs beside it); ``--update-results`` writes the
+shipped bench/results/partial_rollout_cpu.json and docs/img/partial_rollout_*.png.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+import benchlib
 
 
 @dataclass
@@ -277,18 +279,23 @@ def _plot_real(calls: dict, out: dict, png: Path) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--out", default="bench/results/partial_rollout_cpu.json")
-    ap.add_argument("--png", default="docs/img/partial_rollout_timeline.png", help="simulated timelines ('' = none)")
-    ap.add_argument("--png-real", default="docs/img/partial_rollout_cpu_timeline.png", help="real CPU engine calls")
+    ap = benchlib.parser(__doc__, quick_help="a few seconds")
+    ap.add_argument("--no-png", action="store_true", help="no timeline figures")
     args = ap.parse_args()
+    png = None if args.no_png else benchlib.figure_path(args, "partial_rollout_timeline.png")
+    png_real = None if args.no_png else benchlib.figure_path(args, "partial_rollout_cpu_timeline.png")
     result = {"bench": "partial_rollout", "device": "cpu (simulated engine + real TorchEngine)",
-              "simulation": run_simulation(args.quick, Path(args.png) if args.png else None),
-              "real_cpu": run_real_cpu(args.quick, Path(args.png_real) if args.png_real else None)}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
-    print(json.dumps(result))
+              "simulation": run_simulation(args.quick, png), "real_cpu": run_real_cpu(args.quick, png_real)}
+    sim, real = result["simulation"], result["real_cpu"]
+    lines = ["partial_rollout: partial vs synchronous rollouts, tokens/s",
+             f"  simulated engine ({sim['slots']} slots, lengths to {sim['length_max']} tokens): "
+             f"{sim['speedup_tokens_per_s']:.2f}x, idle {100 * sim['synchronous']['idle_fraction']:.0f}% -> "
+             f"{100 * sim['partial']['idle_fraction']:.0f}%",
+             f"  real TorchEngine on this CPU ({real['num_workers']} workers): {real['speedup_tokens_per_s']:.2f}x "
+             f"({real['speedup_drained_groups_per_s']:.2f}x groups/s, drained)"]
+    if png is not None:
+        lines.append(f"  timelines: {png}, {png_real}")
+    benchlib.finish(result, benchlib.result_path(args, "partial_rollout_cpu.json"), lines)
 
 
 if __name__ == "__main__":

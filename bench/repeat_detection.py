@@ -3,17 +3,16 @@
 The naive reference checks, after every token, every period p <= max_period for a periodic tail
 (O(max_period * span) per token). Both run on the same streams in one run: a long non-repeating
 stream (the common case, where the detector must cost ~nothing) and a stream that falls into a loop.
-Prints one JSON object as its last line.
+Prints a short summary, then one JSON object as its last line (written to runs/bench/ by default;
+``--update-results``: bench/results/).
 """
 from __future__ import annotations
 
-import argparse
-import json
 import platform
 import random
 import time
-from pathlib import Path
 
+import benchlib
 from k15sys.algo import RepeatDetector
 
 
@@ -44,9 +43,7 @@ def ours(tokens: list[int], min_repeats: int, min_span: int, max_period: int) ->
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--quick", action="store_true", help="small CPU case (< 1 minute)")
-    ap.add_argument("--out", default="bench/results/repeat_detection_cpu.json")
+    ap = benchlib.parser(__doc__, quick_help="small CPU case (< 1 minute)")
     args = ap.parse_args()
     n = 3_000 if args.quick else 20_000
     opts = dict(min_repeats=4, min_span=32, max_period=64)
@@ -69,9 +66,11 @@ def main() -> None:
         }
     result = {"bench": "repeat_detection", "machine": platform.processor() or platform.machine(),
               "device": "cpu", "options": opts, "quick": args.quick, "streams": rows}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
-    print(json.dumps(result))
+    lines = [f"repeat_detection: {n} tokens per stream, incremental detector vs the naive per-token check"]
+    for name, r in rows.items():
+        lines.append(f"  {name}: {r['ours_tokens_per_s']:,.0f} vs {r['naive_tokens_per_s']:,.0f} tokens/s "
+                     f"({r['speedup_vs_naive']:.1f}x), detected at {r['ours_detected_at']} / {r['naive_detected_at']}")
+    benchlib.finish(result, benchlib.result_path(args, "repeat_detection_cpu.json"), lines)
 
 
 if __name__ == "__main__":

@@ -7,21 +7,20 @@ stores, the default for copies this large, and plain memcpy stores for compariso
 ``torch.Tensor.copy_`` of one contiguous buffer of the same size with the same number of torch threads.
 Reshard and reference alternate rep by rep, so load from other processes hits both alike.
 With a CUDA device: the device path (the whole plan in one Triton launch) against a device copy of one
-contiguous buffer of the same size.
+contiguous buffer of the same size. A short summary, then one JSON object on the last line (written to
+runs/bench/ by default; ``--update-results``: bench/results/).
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import platform
 import statistics
 import time
-from pathlib import Path
 
 import torch
 from transformers import Qwen2Config
 
+import benchlib
 import k15sys.weights.reshard as reshard_mod
 from k15sys import _C
 from k15sys.weights import ModelLayout, hf_shapes, plan_reshard
@@ -96,11 +95,9 @@ def gpu_row(plan, src, want, nbytes: int, reps: int) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--quick", action="store_true")
+    ap = benchlib.parser(__doc__, quick_help="a small Qwen2 shape instead of Qwen2-1.5B")
     ap.add_argument("--threads", default=None, help="comma-separated thread counts (default: 2 and all cores)")
     ap.add_argument("--reps", type=int, default=None)
-    ap.add_argument("--out", default=None)
     args = ap.parse_args()
     cores = os.cpu_count() or 1
     threads = [int(x) for x in args.threads.split(",")] if args.threads else sorted({min(2, cores), cores})
@@ -132,10 +129,14 @@ def main() -> None:
         del dst
         out["gpu"] = gpu_row(plan, src, want, nbytes, reps)
     name = out["gpu"]["device"].replace(" ", "_") if "gpu" in out else f"cpu{cores}"
-    path = args.out or f"bench/results/reshard_{name}{'_quick' if args.quick else ''}.json"
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(out, indent=2))
-    print(json.dumps(out))
+    lines = [f"reshard Megatron TP=2 -> vLLM TP=4, {out['model']}, {nbytes / 2**30:.2f} GiB, correct: {ok}"]
+    for r in host:
+        lines.append(f"  host, {r['threads']} threads: {r['reshard_GBps']:.1f} GB/s vs one contiguous torch copy "
+                     f"{r['torch_copy_GBps']:.1f} GB/s ({r['ratio_vs_memcpy']:.2f}x)")
+    if "gpu" in out:
+        lines.append(f"  {out['gpu']['device']}: {out['gpu']['reshard_GBps']:.0f} GB/s, "
+                     f"{out['gpu']['reshard_vs_device_copy']:.2f}x a device copy")
+    benchlib.finish(out, benchlib.result_path(args, f"reshard_{name}{'_quick' if args.quick else ''}.json"), lines)
 
 
 if __name__ == "__main__":

@@ -8,21 +8,18 @@ per rollout and per training phase of each setting, and each setting's speed rel
 for both phases.
 
 ``--quick`` uses a tiny model and a few iterations (seconds); the default uses the main job's model after
-``--sft-steps`` SFT steps. The last line printed is one JSON object; ``--out`` also writes it to a file.
+``--sft-steps`` SFT steps. A short summary, then one JSON object on the last line (written to runs/bench/
+by default; ``--update-results``: bench/results/).
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import platform
 import statistics
 import tempfile
 import time
-from pathlib import Path
 
-import torch
-
+import benchlib
 from k15sys.train.config import load_config
 from k15sys.train.trainer import Trainer
 
@@ -40,11 +37,9 @@ def _config(out: str, threads: int, rollout_threads: int, quick: bool, sft_steps
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="tiny model, a few iterations")
+    ap = benchlib.parser(__doc__.splitlines()[0], quick_help="tiny model, a few iterations")
     ap.add_argument("--iterations", type=int, default=None, help="RL iterations per setting (default 40; quick 4)")
     ap.add_argument("--sft-steps", type=int, default=None, help="SFT steps before RL (default 525; quick 5)")
-    ap.add_argument("--out", type=Path, default=None, help="also write the JSON result here")
     args = ap.parse_args()
     if args.iterations is not None and args.iterations < 1:
         ap.error(f"--iterations: must be >= 1, got {args.iterations}")
@@ -81,9 +76,12 @@ def main() -> None:
         "sft_steps": sft_steps, "runs": runs,
         "split_vs_both_2": round(runs[1]["median_iteration_s"] / runs[2]["median_iteration_s"], 3),
     }
-    if args.out:
-        args.out.write_text(json.dumps(result, indent=1) + "\n")
-    print(json.dumps(result))
+    lines = [f"rl_threads: median seconds per RL iteration over {iters} iterations (threads/rollout threads)"]
+    for run in runs:
+        lines.append(f"  {run['threads']}/{run['rollout_threads']}: {run['median_iteration_s']:.3f} s "
+                     f"(rollout {run['median_rollout_s']:.3f}, train {run['median_train_s']:.3f}), "
+                     f"{run['speedup_vs_1_1']:.2f}x 1/1")
+    benchlib.finish(result, benchlib.result_path(args, f"rl_threads_cpu{'_quick' if args.quick else ''}.json"), lines)
 
 
 if __name__ == "__main__":

@@ -9,12 +9,11 @@ sandbox calls the zygote has time to prepare the next nested sandbox, so "back-t
 sandbox calls issued with no pause at all. Reports p50/p99 latency, the overhead vs bare, and
 executions/s with 2 concurrent workers for (a) and (b), and for (b) with 4 containers on the 2
 cores. The paper's crun sandbox: 0.04 s start-up, 120 containers/s
-(Docker: 0.12 s, 27/s). The last line printed is one JSON object with the figures.
+(Docker: 0.12 s, 27/s). A short summary, then one JSON object with the figures on the last line
+(written to runs/bench/ by default; ``--update-results``: bench/results/sandbox_cpu.json).
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import platform
 import statistics
@@ -24,6 +23,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import benchlib
 from k15sys.sandbox import RunRequest, Sandbox, Status
 
 PROGRAM = "print(sum(range(100)))\n"
@@ -35,11 +35,8 @@ def pct(xs: list[float], q: float) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--quick", action="store_true", help="fewer repetitions (< 1 minute)")
+    ap = benchlib.parser(__doc__, quick_help="fewer repetitions (< 1 minute)")
     ap.add_argument("--n", type=int, default=None, help="repetitions per measurement")
-    ap.add_argument("--out", default=None,
-                    help="JSON file (default: bench/results/sandbox_cpu.json; none with --quick)")
     args = ap.parse_args()
     n = args.n or (100 if args.quick else 400)
     workdir = tempfile.mkdtemp()
@@ -106,11 +103,13 @@ def main() -> None:
         "bare_exec_per_s": bare_rate, "sandbox_exec_per_s": sb_rate, "throughput_ratio_vs_bare": sb_rate / bare_rate,
         "sandbox_4_workers_exec_per_s": sb4_rate,
     }
-    dest = args.out or (None if args.quick else "bench/results/sandbox_cpu.json")
-    if dest:
-        Path(dest).parent.mkdir(parents=True, exist_ok=True)
-        Path(dest).write_text(json.dumps(out, indent=2) + "\n")
-    print(json.dumps(out))
+    lines = [f"sandbox: {n} runs of a trivial program, p50 / p99 latency",
+             f"  bare subprocess {out['bare_p50_ms']:.1f} / {out['bare_p99_ms']:.1f} ms; Sandbox.run "
+             f"{out['sandbox_p50_ms']:.1f} / {out['sandbox_p99_ms']:.1f} ms; fresh container per run "
+             f"{out['fresh_container_p50_ms']:.1f} / {out['fresh_container_p99_ms']:.1f} ms",
+             f"  throughput with 2 workers: {out['sandbox_exec_per_s']:.0f} executions/s "
+             f"({out['throughput_ratio_vs_bare']:.2f}x bare), 4 containers {out['sandbox_4_workers_exec_per_s']:.0f}/s"]
+    benchlib.finish(out, benchlib.result_path(args, f"sandbox_cpu{'_quick' if args.quick else ''}.json"), lines)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,10 @@
 
 Rank 0 (the trainer) holds ``--gb`` GB of bf16 weights as named tensors; every other rank (inference)
 receives them into its own preallocated weights. Runs on any number of GPUs (one process per GPU, NCCL,
-``--gpus N`` or all visible), or with ``--quick`` on the CPU (2 gloo processes, small size).
+``--gpus N`` or all visible), or with ``--quick`` on the CPU (2 gloo processes, small size; the engine
+timings are then labelled ``engine_cpu``: CPU tensors over gloo). Without ``--quick`` it refuses (exit 2)
+on a machine with fewer than 2 GPUs. The JSON goes to ``--out`` (default runs/bench/;
+``--update-results``: bench/results/).
 
 Measured, each the median of ``--reps`` runs after a warm-up, every receiver checked bit-exact after each path:
 * ``raw_broadcast``: dist.broadcast of the same bytes in ``--bucket-gb`` buckets, nothing else;
@@ -28,6 +31,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+import benchlib
 from k15sys.weights import CheckpointEngine, free_port
 
 
@@ -93,8 +97,9 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str)
         for w in works:
             w.wait()
 
+    eng_key = "engine_gpu" if cuda else "engine_cpu"  # what the engine's tensors lived on
     res = {"raw_broadcast": _median_time(raw_run, args.reps, dev),
-           "engine_gpu": _median_time(lambda: engine_run(gpu_w if rank == 0 else None), args.reps, dev)}
+           eng_key: _median_time(lambda: engine_run(gpu_w if rank == 0 else None), args.reps, dev)}
     def delivered() -> bool:
         """The receivers' weights equal what rank 0 generated (same seed, same device type)."""
         if not rank:
@@ -108,7 +113,7 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str)
         return dst_ok
 
     ok = delivered()
-    res["engine_gpu_inplace"] = _median_time(lambda: engine_run(gpu_w if rank == 0 else None, True), args.reps, dev)
+    res[f"{eng_key}_inplace"] = _median_time(lambda: engine_run(gpu_w if rank == 0 else None, True), args.reps, dev)
     ok &= delivered()
     if cuda:
         if rank == 0:
@@ -134,8 +139,8 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str)
                   "device": torch.cuda.get_device_name() if cuda else "cpu (gloo)",
                   "nccl": ".".join(map(str, torch.cuda.nccl.version())) if cuda else None,
                   "ms": res, "correct_on_all_receivers": all(flags),
-                  "engine_gpu_vs_raw": res["engine_gpu"] / res["raw_broadcast"],
-                  "engine_gpu_inplace_vs_raw": res["engine_gpu_inplace"] / res["raw_broadcast"]}
+                  f"{eng_key}_vs_raw": res[eng_key] / res["raw_broadcast"],
+                  f"{eng_key}_inplace_vs_raw": res[f"{eng_key}_inplace"] / res["raw_broadcast"]}
         if cuda:
             floor = max(res["h2d"], res["raw_broadcast"])
             result["engine_pinned_vs_max_h2d_broadcast"] = res["engine_pinned"] / floor
@@ -145,31 +150,31 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--quick", action="store_true", help="2 gloo processes on the CPU, small size")
+    ap = benchlib.parser(__doc__, quick_help="2 gloo processes on the CPU, small size")
     ap.add_argument("--gb", type=float, default=16.0)
     ap.add_argument("--bucket-gb", type=float, default=1.0)
     ap.add_argument("--tensor-mb", type=float, default=64.0)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--gpus", type=int, default=None)
-    ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    benchlib.require_gpus(args, "weight_sync", max(2, args.gpus or 2))
     if args.quick:
         args.gb, args.bucket_gb, args.tensor_mb, args.reps = 0.0625, 0.015625, 1.0, 3
         world = 2
     else:
         world = args.gpus or torch.cuda.device_count()
-        if world < 2:
-            raise SystemExit("weight_sync needs >= 2 GPUs (or --quick for the CPU)")
     port = free_port()
     tmp = f"/tmp/k15_weight_sync_{os.getpid()}.json"
     mp.spawn(worker, args=(world, port, args, tmp), nprocs=world, join=True)
     result = json.loads(Path(tmp).read_text())
     name = "cpu" if args.quick else f"{world}x{result['device'].replace(' ', '_')}"
-    path = args.out or f"bench/results/weight_sync_{name}.json"
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(result, indent=2))
-    print(json.dumps(result))
+    eng_key = "engine_cpu" if args.quick else "engine_gpu"
+    ms = result["ms"]
+    lines = [f"weight_sync on {result['device']}, {world} processes, {result['bytes'] / 2**30:.3g} GiB:",
+             f"  raw broadcast {ms['raw_broadcast']:.1f} ms; CheckpointEngine {ms[eng_key]:.1f} ms staged "
+             f"({result[eng_key + '_vs_raw']:.2f}x raw), {ms[eng_key + '_inplace']:.1f} ms in place",
+             f"  every receiver bit-exact: {result['correct_on_all_receivers']}"]
+    benchlib.finish(result, benchlib.result_path(args, f"weight_sync_{name}.json"), lines)
 
 
 if __name__ == "__main__":
