@@ -215,6 +215,8 @@ class PagedEngine:
         attention_backend: decode attention backend of :func:`paged_decode_attention`.
         fused_kernels: norms, rotary embedding and cache writes through Triton kernels (default: on CUDA);
             otherwise the model's own modules (transformers' exact arithmetic).
+        share_prefixes: identical prompts of a call are prefilled once and share their KV pages (k samples
+            per prompt, paper 2.6.2); False treats every prompt on its own (a baseline for benchmarks).
         repeat_detector: factory of a per-sequence detector (None disables repeat stops).
         pad_token_id: accepted for drop-in compatibility with ``TorchEngine`` (nothing is padded here).
     """
@@ -234,6 +236,7 @@ class PagedEngine:
         cuda_graphs: bool = True,
         attention_backend: str = "auto",
         fused_kernels: bool | None = None,
+        share_prefixes: bool = True,
         repeat_detector: Callable[[], RepeatDetector] | None = RepeatDetector,
         pad_token_id: int = 0,
     ) -> None:
@@ -258,6 +261,7 @@ class PagedEngine:
         self.fused_kernels = self.device.type == "cuda" if fused_kernels is None else bool(fused_kernels)
         if self.decoder.head_dim % 2 or self.decoder.head_dim & (self.decoder.head_dim - 1):
             self.fused_kernels = False  # the rotary kernel reads power-of-two head halves
+        self.share_prefixes = share_prefixes
         self.repeat_detector = repeat_detector
         self.pad_token_id = pad_token_id
         self.weight_version = 0
@@ -449,9 +453,9 @@ class _Run:
         self.gen = None
         if params.seed is not None:
             self.gen = torch.Generator(device=engine.device).manual_seed(params.seed)
-        groups: dict[tuple[int, ...], list[int]] = {}
+        groups: dict[tuple[int, ...] | int, list[int]] = {}
         for i, p in enumerate(prompts):
-            groups.setdefault(tuple(p), []).append(i)
+            groups.setdefault(tuple(p) if engine.share_prefixes else i, []).append(i)
         self.waiting = list(groups.values())  # groups of identical prompts, in order of first appearance
         self.waiting.reverse()
         self.running: list[_Seq] = []
