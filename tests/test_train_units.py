@@ -163,6 +163,37 @@ def test_config_yaml_default_overrides_and_errors(tmp_path):
         load_config(f)
 
 
+@pytest.mark.parametrize("bad, message", [
+    # issue 20 item 9: NaN/inf passed (rl.lr=inf wrote a NaN checkpoint, max_minutes=nan meant no limit)
+    ("rl.lr=inf", "rl.lr: must be a finite number, got inf"), ("rl.lr=.inf", "rl.lr: must be a finite number"),
+    ("rl.truncated_reward=nan", "rl.truncated_reward: must be a finite number, got nan"),
+    ("rl.max_minutes=nan", "rl.max_minutes: must be a finite"), ("rl.repeat_penalty=-.inf", "rl.repeat_penalty: must be"),
+    ("sft.lr=1e999", "sft.lr: must be a finite"), ("data.code_timeout_s=inf", "data.code_timeout_s: must be a finite"),
+    ("run.threads=100000", r"run.threads: must be <= \d+, got 100000 \(\d+ CPUs here\)"),
+    ("run.rollout_threads=100000", "run.rollout_threads: must be <="),
+    ("run.rollout_workers=100000", "run.rollout_workers: must be <="),
+    # issue 23 item 5: settings that ran the whole warm-up and then trained nothing
+    ("rl.temperature=0", r"rl.temperature: must be > 0.0, got 0.0 \(rollouts must sample"),
+    ("rl.group_size=1", r"rl.group_size: must be >= 2, got 1 \(a group of one sample .* zero advantage"),
+    ("rl.lr=0", "rl.lr: must be > 0.0, got 0.0 .*trains nothing"), ("sft.lr=0", "sft.lr: must be > 0 with sft.steps"),
+    ("long2short.dpo_beta=0", "long2short.dpo_beta: must be > 0"), ("rl.tau=0", "rl.tau: must be > 0"),
+    ("rl.repeat_penalty=0.5", "rl.repeat_penalty: must be <= 0"), ("long2short.merge_alpha=1.5", "long2short.merge_alpha"),
+    ("task.verify_prob=1.01", "task.verify_prob: must be <= 1.0"),
+])
+def test_config_refuses_non_finite_out_of_range_and_no_op_values(bad, message):
+    with pytest.raises(ConfigError, match=f"^{message}"):
+        load_config("configs/default.yaml", [bad])
+
+
+def test_config_refuses_combinations_that_do_nothing():
+    with pytest.raises(ConfigError, match=r"^eval.temperature: must be > 0 with eval.num_samples=4 .*pass@1"):
+        load_config(None, ["eval.num_samples=4", "eval.temperature=0"])
+    assert load_config(None, ["eval.temperature=0"]).eval.temperature == 0  # greedy pass@1 alone: fine
+    assert load_config(None, ["sft.steps=0", "sft.lr=0"]).sft.lr == 0  # no warm-up: its learning rate is unused
+    with pytest.raises(ConfigError, match=r"^rl.length_penalty_warmup: 50 >= rl.iterations=50.* never applies"):
+        load_config(None, ["rl.length_penalty_weight=0.5", "rl.length_penalty_warmup=50", "rl.iterations=50"])
+
+
 @pytest.mark.parametrize("row_tokens", [0, 7, 12])
 def test_packing_matches_separate_forward(row_tokens):
     lm = build_model(ModelConfig(hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4, num_kv_heads=2),

@@ -8,6 +8,8 @@ whole tree before any work starts: an unknown key, a wrong type or a bad value r
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,8 +22,17 @@ class ConfigError(ValueError):
     """A bad configuration; the message starts with the dotted key at fault."""
 
 
-def _opt(default: Any, help: str, *, choices: tuple[Any, ...] | None = None, min: float | None = None) -> Any:
-    return field(default=default, metadata={"help": help, "choices": choices, "min": min})
+def _opt(default: Any, help: str, *, choices: tuple[Any, ...] | None = None, min: float | None = None,
+         max: float | None = None, above: float | None = None, why: str = "") -> Any:
+    """A config field: ``min``/``max`` bound it (inclusive), ``above`` strictly from below; ``why`` ends the
+    message of a value out of range (what would silently go wrong)."""
+    return field(default=default, metadata={"help": help, "choices": choices, "min": min, "max": max, "above": above,
+                                            "why": why})
+
+
+# more torch threads or rollout processes than this is a typo (100000 threads segfault), not a setting
+_MAX_THREADS = 4 * (os.cpu_count() or 1)
+_MAX_WORKERS = os.cpu_count() or 1
 
 
 @dataclass
@@ -34,13 +45,13 @@ class TaskConfig:
     min_ops: int = _opt(2, "fewest operations per problem (difficulty label = #operations)", min=1)
     max_ops: int = _opt(5, "most operations per problem", min=1)
     max_operand: int = _opt(9, "operands are drawn from [1, max_operand]", min=1)
-    verify_prob: float = _opt(0.7, "long-CoT traces: probability of a check after each step", min=0.0)
+    verify_prob: float = _opt(0.7, "long-CoT traces: probability of a check after each step", min=0.0, max=1.0)
     mistake_prob: float = _opt(0.0, "long-CoT traces: share of checked steps first written wrong, exposed by the "
                                "check and redone after '?' (self-correction); SFT trains on the check and the "
-                               "redo, not on the slip", min=0.0)
+                               "redo, not on the slip", min=0.0, max=1.0)
     direct_prob: float = _opt(0.35, "SFT data: share of direct answers (the boxed answer, no working) mixed in, as in "
                               "warm-up data of mixed styles; RL then learns that working first pays (eval/direct_share; "
-                              "docs/main_job.md)", min=0.0)
+                              "docs/main_job.md)", min=0.0, max=1.0)
 
 
 @dataclass
@@ -100,12 +111,14 @@ class RLConfig:
     iterations: int = _opt(1000, "RL iterations (rl.max_minutes usually stops the run first)", min=0)
     max_minutes: float = _opt(15.0, "stop RL after this wall time (minutes, 0 = no limit)", min=0.0)
     prompts_per_iteration: int = _opt(32, "prompts sampled per iteration", min=1)
-    group_size: int = _opt(8, "k: samples per prompt (the group of the mean baseline)", min=1)
-    tau: float = _opt(0.02, "KL-regularisation strength tau of mirror descent", min=0.0)
+    group_size: int = _opt(8, "k: samples per prompt (the group of the mean baseline)", min=2,
+                           why="a group of one sample is its own mean baseline: zero advantage, no gradient; paper 2.3.2")
+    tau: float = _opt(0.02, "KL-regularisation strength tau of mirror descent", above=0.0)
     baseline: str = _opt("mean", "estimate of tau log Z", choices=("mean", "logmeanexp"))
     normalize: str = _opt("sum", "sequence log-prob: paper 'sum', or 'mean'/'constant' (deviations)",
                           choices=("sum", "mean", "constant"))
-    lr: float = _opt(1e-5, "learning rate (AdamW: small, the SFT model is sharp; see docs/main_job.md)", min=0.0)
+    lr: float = _opt(1e-5, "learning rate (AdamW: small, the SFT model is sharp; see docs/main_job.md)", above=0.0,
+                     why="a zero learning rate trains nothing; rl.iterations=0 runs the warm-up alone")
     optimizer: str = _opt("adamw", "RL optimizer: adamw, or sgd (momentum 0.9; steps proportional to the gradient)",
                           choices=("adamw", "sgd"))
     warmup_iterations: int = _opt(0, "linear learning-rate warm-up over the first RL iterations", min=0)
@@ -119,7 +132,9 @@ class RLConfig:
                                      "zero advantage and, on-policy, zero PMD gradient (saves its forward/backward)")
     grad_clip: float = _opt(1.0, "max global grad norm (0 = off)", min=0.0)
     temperature: float = _opt(0.5, "sampling temperature of rollouts (below 1 the samples stay near the greedy "
-                              "decisions that evaluation scores; see docs/main_job.md)", min=0.0)
+                              "decisions that evaluation scores; see docs/main_job.md)", above=0.0,
+                              why="rollouts must sample: greedy groups give k equal answers, zero advantage, no "
+                              "gradient; paper 2.3.2")
     tempered_logprobs: bool = _opt(True, "log-probs of the PMD loss (policy and reference) under softmax(logits / "
                                    "rl.temperature), the distribution the rollouts were drawn from, so the samples are "
                                    "on-policy for what is trained; false = untempered logits")
@@ -129,7 +144,7 @@ class RLConfig:
     curriculum_ramp: int = _opt(20, "curriculum: iterations until the whole pool is open", min=0)
     length_penalty_weight: float = _opt(0.0, "weight of the length reward (2.3.3)", min=0.0)
     length_penalty_warmup: int = _opt(0, "iterations with the length reward off", min=0)
-    repeat_penalty: float = _opt(-1.0, "reward added to trajectories stopped for repeating (<= 0)")
+    repeat_penalty: float = _opt(-1.0, "reward added to trajectories stopped for repeating (<= 0)", max=0.0)
     truncated_reward: float = _opt(0.0, "reward of a response cut at max_new_tokens (0 = counts as wrong)")
 
 
@@ -147,14 +162,16 @@ class EvalConfig:
 class Long2ShortConfig:
     """long2short methods (paper 2.4), run by ``k15 long2short merge|srs|dpo|rl`` on a trained run."""
 
-    merge_alpha: float = _opt(0.5, "merge: weight of the long-CoT model (1 - alpha for the short-CoT one)", min=0.0)
+    merge_alpha: float = _opt(0.5, "merge: weight of the long-CoT model (1 - alpha for the short-CoT one)", min=0.0,
+                              max=1.0)
     num_problems: int = _opt(256, "srs/dpo: training problems sampled from the long-CoT model", min=1)
     num_samples: int = _opt(8, "srs/dpo: samples per problem (the paper uses 8)", min=2)
     steps: int = _opt(60, "srs/dpo: optimizer steps", min=1)
     batch_size: int = _opt(32, "srs: sequences per step; dpo: pairs per step", min=1)
-    lr: float = _opt(3e-5, "srs: AdamW learning rate", min=0.0)
-    dpo_beta: float = _opt(0.1, "dpo: beta", min=0.0)
-    dpo_lr: float = _opt(3e-6, "dpo: AdamW learning rate (DPO moves the sharp SFT/RL model fast)", min=0.0)
+    lr: float = _opt(3e-5, "srs: AdamW learning rate", above=0.0, why="a zero learning rate trains nothing")
+    dpo_beta: float = _opt(0.1, "dpo: beta", above=0.0, why="with beta 0 the DPO loss is constant")
+    dpo_lr: float = _opt(3e-6, "dpo: AdamW learning rate (DPO moves the sharp SFT/RL model fast)", above=0.0,
+                         why="a zero learning rate trains nothing")
     dpo_length_ratio: float = _opt(1.5, "dpo: correct samples longer than this x the chosen are rejected", min=1.0)
     rl_iterations: int = _opt(20, "rl: RL iterations with the length penalty", min=1)
     rl_max_new_tokens: int = _opt(64, "rl: the (much smaller) max rollout length", min=1)
@@ -171,10 +188,11 @@ class RunConfig:
                        choices=("auto", "cpu", "cuda"))
     seed: int = _opt(0, "seed of sampling, rollouts and minibatch order", min=0)
     threads: int = _opt(2, "torch intra-op threads of training (0 = torch default); a fixed count keeps runs "
-                        "bit-reproducible on one machine", min=0)
+                        "bit-reproducible on one machine", min=0, max=_MAX_THREADS,
+                        why=f"{os.cpu_count()} CPUs here")
     rollout_threads: int = _opt(1, "torch intra-op threads while generating (rollouts, evaluation, rollout "
                                 "workers); 0 = run.threads. Decoding's small matmuls run fastest on one thread "
-                                "on the CPU", min=0)
+                                "on the CPU", min=0, max=_MAX_THREADS, why=f"{os.cpu_count()} CPUs here")
     deterministic: bool = _opt(False, "bit-reproducible GPU runs: torch.use_deterministic_algorithms(True) and a fixed "
                                "cuBLAS workspace (CUBLAS_WORKSPACE_CONFIG), for the whole process; somewhat slower. "
                                "The CPU path is reproducible without it")
@@ -183,7 +201,8 @@ class RunConfig:
     pack_row_tokens: int = _opt(256, "sequence packing: tokens per packed row (0 = one row)", min=0)
     rollout_workers: int = _opt(0, "rollout engines in their own processes (k15sys.rollout.RemoteEngine), weights "
                                 "sent through the checkpoint engine; 0 = one engine in the trainer process. "
-                                "Single-process trainer only (not under torchrun)", min=0)
+                                "Single-process trainer only (not under torchrun)", min=0, max=_MAX_WORKERS,
+                                why=f"one process per engine, {os.cpu_count()} CPUs here")
     colocate: bool = _opt(False, "hybrid deployment (GPU colocation): the trainer's parameters and optimizer state go to host "
                           "memory while the engine generates, then engine.sleep() during training and wake() before "
                           "the weight sync (also for the FSDP2-sharded trainer under torchrun)")
@@ -214,11 +233,17 @@ def _check_value(key: str, f: dataclasses.Field, value: Any) -> Any:
             pass
     if typ is bool and not isinstance(value, bool) or typ is not bool and (isinstance(value, bool) or not isinstance(value, typ)):
         raise ConfigError(f"{key}: expected {typ.__name__}, got {type(value).__name__} {value!r}")
-    choices, lo = f.metadata.get("choices"), f.metadata.get("min")
+    if typ is float and not math.isfinite(value):
+        raise ConfigError(f"{key}: must be a finite number, got {value!r}")
+    m = f.metadata
+    choices, why = m.get("choices"), f" ({m['why']})" if m.get("why") else ""
     if choices and value not in choices:
         raise ConfigError(f"{key}: expected one of {list(choices)}, got {value!r}")
-    if lo is not None and value < lo:
-        raise ConfigError(f"{key}: must be >= {lo}, got {value!r}")
+    for bad, text in ((m.get("min") is not None and value < m["min"], f">= {m.get('min')}"),
+                      (m.get("above") is not None and value <= m["above"], f"> {m.get('above')}"),
+                      (m.get("max") is not None and value > m["max"], f"<= {m.get('max')}")):
+        if bad:
+            raise ConfigError(f"{key}: must be {text}, got {value!r}{why}")
     return value
 
 
@@ -248,9 +273,6 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
 def _cross_checks(cfg: Config) -> None:
     if cfg.task.max_ops < cfg.task.min_ops:
         raise ConfigError(f"task.max_ops: must be >= task.min_ops={cfg.task.min_ops}, got {cfg.task.max_ops}")
-    for key in ("verify_prob", "direct_prob", "mistake_prob"):
-        if getattr(cfg.task, key) > 1:
-            raise ConfigError(f"task.{key}: must be <= 1, got {getattr(cfg.task, key)}")
     if cfg.sft.max_ops and cfg.sft.max_ops < cfg.task.min_ops:
         raise ConfigError(f"sft.max_ops: must be 0 (all) or >= task.min_ops={cfg.task.min_ops}, got {cfg.sft.max_ops}")
     if cfg.model.num_heads % cfg.model.num_kv_heads:
@@ -259,14 +281,21 @@ def _cross_checks(cfg: Config) -> None:
         raise ConfigError(f"model.hidden_size: {cfg.model.hidden_size} is not a multiple of model.num_heads={cfg.model.num_heads}")
     if cfg.rl.minibatch_size % cfg.rl.group_size:
         raise ConfigError(f"rl.minibatch_size: {cfg.rl.minibatch_size} is not a multiple of rl.group_size={cfg.rl.group_size}")
-    if cfg.rl.repeat_penalty > 0:
-        raise ConfigError(f"rl.repeat_penalty: must be <= 0, got {cfg.rl.repeat_penalty}")
-    if cfg.rl.tau <= 0:
-        raise ConfigError(f"rl.tau: must be > 0, got {cfg.rl.tau}")
     if cfg.rl.token_budget > cfg.rl.max_new_tokens:
         raise ConfigError(f"rl.token_budget: {cfg.rl.token_budget} exceeds rl.max_new_tokens={cfg.rl.max_new_tokens}")
     if cfg.rl.decay_iterations and cfg.rl.lr_min > cfg.rl.lr:
         raise ConfigError(f"rl.lr_min: {cfg.rl.lr_min} exceeds rl.lr={cfg.rl.lr} (the decay goes down to it)")
+    # settings that would run and quietly do nothing
+    if cfg.sft.steps and cfg.sft.lr == 0:
+        raise ConfigError(f"sft.lr: must be > 0 with sft.steps={cfg.sft.steps} (a zero learning rate trains nothing; "
+                          "sft.steps=0 skips the warm-up)")
+    if cfg.eval.num_samples > 1 and cfg.eval.temperature == 0:
+        raise ConfigError(f"eval.temperature: must be > 0 with eval.num_samples={cfg.eval.num_samples} (greedy samples "
+                          "are all the same answer: pass@k would be pass@1)")
+    if cfg.rl.length_penalty_weight and cfg.rl.length_penalty_warmup >= cfg.rl.iterations:
+        raise ConfigError(f"rl.length_penalty_warmup: {cfg.rl.length_penalty_warmup} >= rl.iterations="
+                          f"{cfg.rl.iterations}, so the length reward (weight {cfg.rl.length_penalty_weight}) never "
+                          "applies")
 
 
 def config_from_dict(data: dict[str, Any]) -> Config:
