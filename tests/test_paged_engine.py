@@ -252,3 +252,18 @@ def test_gpu_bf16_matches_torch_reference_backend():
     b = ref.generate(prompts, SamplingParams(16, temperature=0))
     agree = np.mean([x == y for o, r in zip(a, b) for x, y in zip(o.token_ids, r.token_ids)])
     assert agree > 0.9  # bf16: rare near-ties may flip
+
+
+def test_make_rollout_engine_picks_by_kind_and_device():
+    from k15sys.rollout import TorchEngine
+    from k15sys.rollout.paged_engine import make_rollout_engine
+
+    assert isinstance(make_rollout_engine("auto", _qwen2(), "cpu"), TorchEngine)
+    assert isinstance(make_rollout_engine("paged", _qwen2(), "cpu", kv_cache_tokens=256), PagedEngine)
+    assert isinstance(make_rollout_engine("torch", _qwen2(), "cpu"), TorchEngine)
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
+    assert isinstance(make_rollout_engine("auto", gpt2, "cpu"), TorchEngine)
+    with pytest.raises(ValueError, match="TorchEngine"):
+        make_rollout_engine("paged", gpt2, "cpu")
+    with pytest.raises(ValueError, match="kind"):
+        make_rollout_engine("vllm", gpt2, "cpu")

@@ -594,3 +594,22 @@ class _Run:
         if seq.reason is not None:
             self.e.pool.give_back(seq.pages)
             self.done[seq.index] = Completion(seq.tokens, seq.logprobs, seq.reason)
+
+
+def make_rollout_engine(kind: str, model: torch.nn.Module, device: str | torch.device, *, pad_token_id: int = 0,
+                        **paged_kwargs) -> TorchEngine | PagedEngine:
+    """The rollout engine of ``run.engine``: ``"paged"`` (:class:`PagedEngine`), ``"torch"``
+    (:class:`~k15sys.rollout.TorchEngine`), or ``"auto"``: PagedEngine on CUDA for the architectures it runs,
+    TorchEngine otherwise (the CPU path of the main job stays the transformers engine).
+
+    ``paged_kwargs`` go to :class:`PagedEngine` (by default it takes 30% of the free GPU memory for its KV
+    cache, leaving the rest to a trainer on the same GPU).
+    """
+    if kind not in ("auto", "torch", "paged"):
+        raise ValueError(f"kind: expected 'auto', 'torch' or 'paged', got {kind!r}")
+    on_cuda = torch.device(device).type == "cuda"
+    supported = getattr(model.config, "model_type", None) in SUPPORTED_MODEL_TYPES
+    if kind == "torch" or (kind == "auto" and not (on_cuda and supported)):
+        return TorchEngine(model, device=device, pad_token_id=pad_token_id)
+    paged_kwargs.setdefault("kv_cache_memory_fraction", 0.3)
+    return PagedEngine(model, device=device, pad_token_id=pad_token_id, **paged_kwargs)

@@ -186,6 +186,9 @@ class RunConfig:
     device: str = _opt("auto", "where policy and rollout engine run: auto (cuda when available; one GPU per rank "
                        "under torchrun), cpu or cuda; on cuda the policy's attention is k15sys varlen_attention",
                        choices=("auto", "cpu", "cuda"))
+    engine: str = _opt("auto", "rollout engine: paged (k15sys.rollout.PagedEngine: paged KV cache, continuous batching, "
+                       "CUDA graphs; Qwen2/Qwen3/Llama), torch (TorchEngine, any transformers LM) or auto (paged on "
+                       "cuda, torch on cpu)", choices=("auto", "torch", "paged"))
     seed: int = _opt(0, "seed of sampling, rollouts and minibatch order", min=0)
     threads: int = _opt(2, "torch intra-op threads of training (0 = torch default); a fixed count keeps runs "
                         "bit-reproducible on one machine", min=0, max=_MAX_THREADS,

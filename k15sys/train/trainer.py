@@ -35,7 +35,8 @@ import torch
 from k15sys.algo import CurriculumSampler, LengthPenaltySchedule, PrioritizedSampler, length_penalty, penalize_repeats, pmd_loss
 from k15sys.integrations.transformers_attention import register
 from k15sys.rewards import math_reward
-from k15sys.rollout import Group, PartialRolloutScheduler, RemoteEngine, ReplayBuffer, SamplingParams, TorchEngine
+from k15sys.rollout import Group, PartialRolloutScheduler, RemoteEngine, ReplayBuffer, SamplingParams
+from k15sys.rollout.paged_engine import make_rollout_engine
 from k15sys.tasks import CharTokenizer, make_splits
 from k15sys.train import distributed as dist_utils
 from k15sys.train.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
@@ -115,7 +116,7 @@ def use_deterministic_algorithms() -> None:
     torch.utils.deterministic.fill_uninitialized_memory = False
 
 
-def build_rollout_engine(cfg: Config) -> TorchEngine:
+def build_rollout_engine(cfg: Config) -> Any:
     """A rollout worker's engine (run in the worker process): the policy's architecture on ``run.device``;
     its weights arrive with the first weight sync."""
     if cfg.run.deterministic:  # the mode is per process
@@ -128,7 +129,7 @@ def build_rollout_engine(cfg: Config) -> TorchEngine:
     device = dist_utils.resolve_device(cfg.run.device)
     if device.type == "cuda":  # the GPU RemoteEngine made current for this worker
         device = torch.device("cuda", torch.cuda.current_device())
-    return TorchEngine(lm, pad_token_id=tok.pad_token_id, device=device)
+    return make_rollout_engine(cfg.run.engine, lm, device, pad_token_id=tok.pad_token_id)
 
 
 RUN_FILES = ("metrics.jsonl", "checkpoints", "tensorboard")
@@ -187,7 +188,8 @@ class Trainer:
             gpus = [w % torch.cuda.device_count() for w in range(n)] if self.device.type == "cuda" else None
             self.engine: Any = RemoteEngine(functools.partial(build_rollout_engine, cfg), n, cuda_devices=gpus)
         else:
-            self.engine = TorchEngine(copy.deepcopy(lm), pad_token_id=tok.pad_token_id, device=self.device)
+            self.engine = make_rollout_engine(cfg.run.engine, copy.deepcopy(lm), self.device,
+                                              pad_token_id=tok.pad_token_id)
         if self.device.type == "cuda":  # packed training rows: the Triton varlen kernel, no [T, T] mask
             lm.set_attn_implementation(register())
         self.policy = dist_utils.shard(PackedPolicy(lm.to(self.device)))
