@@ -2,9 +2,10 @@
 
 Subpackages, each owning one part of the paper:
 
-- ``k15sys.algo``     policy mirror descent loss, length penalty, samplers, long2short (section 2.3, 2.4)
+- ``k15sys.algo``     policy mirror descent loss, length penalty, samplers, long2short, repeat detection
+                      (sections 2.3, 2.4, 2.6.2)
 - ``k15sys.ops``      differentiable kernels: fused log-probs, varlen attention (Triton / torch)
-- ``k15sys.rewards``  math and code rewards, repeat detection (2.3.5, 2.6.2)
+- ``k15sys.rewards``  math and code rewards (2.3.5)
 - ``k15sys.sandbox``  secure code execution (2.6.4)
 - ``k15sys.rollout``  rollout engines, partial rollouts with a replay buffer (2.6.2)
 - ``k15sys.weights``  layout resharding and the checkpoint engine (2.6.3)

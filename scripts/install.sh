@@ -2,12 +2,16 @@
 # Installs k15sys (editable) with its test extra on a fresh machine.
 #  - Debian packages listed in scripts/debian-packages.txt (the sandbox's bubblewrap), when apt-get
 #    is available and we are root; otherwise it says what is missing and goes on.
-#  - torch: an existing install is kept (GPU users keep theirs). Without one, a machine with no NVIDIA
-#    GPU gets the CPU build pinned below (set K15_TORCH_SPEC / K15_TORCH_INDEX to override).
+#  - everything goes into the interpreter `python3` (or $PYTHON) names: an active virtual environment, or
+#    that Python's own site-packages (it says which first; README recommends a venv).
+#  - torch: an existing install is kept (GPU users keep theirs). Without one, torch is installed from
+#    pip's index (K15_TORCH_SPEC / K15_TORCH_INDEX override the version / index). PyPI serves the CUDA
+#    build on Linux x86_64; a CPU-only machine wants K15_TORCH_INDEX=https://download.pytorch.org/whl/cpu.
 #  - then `pip install -e ".[test]"`, which builds the C++ extension k15sys._C with CMake + ninja.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+"$PY" -c 'import sys; venv = sys.prefix != sys.base_prefix; print(f"[install] into {sys.executable} (prefix {sys.prefix}; " + ("a virtual environment)" if venv else "not a virtual environment: see README, Where it installs)"))'
 
 mapfile -t debs < <(grep -v '^\s*#' scripts/debian-packages.txt | grep -v '^\s*$' || true)
 missing=()
@@ -27,6 +31,10 @@ if ! "$PY" -c "import torch" >/dev/null 2>&1; then
     spec=${K15_TORCH_SPEC:-"torch>=2.4"}
   else
     spec=${K15_TORCH_SPEC:-"torch==2.13.0"}
+    if [ -z "${K15_TORCH_INDEX:-}" ]; then
+      echo "[install] no NVIDIA GPU: pip's default index may serve torch's CUDA build (several GB of nvidia-*" \
+           "libraries); for the CPU build set K15_TORCH_INDEX=https://download.pytorch.org/whl/cpu" >&2
+    fi
   fi
   echo "[install] $spec"
   if [ -n "${K15_TORCH_INDEX:-}" ]; then
