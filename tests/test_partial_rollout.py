@@ -10,6 +10,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from k15sys.algo import CurriculumSampler, PrioritizedSampler, RepeatDetector, find_repeat
 from k15sys.rollout import Completion, PartialRolloutScheduler, ReplayBuffer, SamplingParams, TorchEngine
+from k15sys.rollout.replay_buffer import Segment
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -296,13 +297,14 @@ def test_buffer_path_resumes_instead_of_overwriting(tmp_path):
         ReplayBuffer.load(tmp_path / "missing.json")
     assert list(tmp_path.iterdir()) == [tmp_path / "buffer.json"]  # no temporary files left behind
     t = again.groups[0][1]
+    t.segments.append(Segment(1, len(t.response_ids), len(t.response_ids) + 2))
     t.response_ids += [2**31 - 1, 0]
     t.logprobs += [-0.1234567890123456789, -1e-300]
     t.finish_reason = "repeat"
     again.save()
     u = ReplayBuffer.load(again.path).groups[0][1]
     assert (u.response_ids, u.logprobs, u.finish_reason) == (t.response_ids, t.logprobs, "repeat")  # exact
-    assert u.segments == t.segments and u.policy_versions == [0] and type(u.response_ids[0]) is int
+    assert u.segments == t.segments and u.policy_versions == [0, 1] and type(u.response_ids[0]) is int
 
 
 @pytest.mark.parametrize("kw,name", [

@@ -13,6 +13,7 @@ back to the queue for another worker; nothing is lost.
 """
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections import deque
@@ -24,10 +25,8 @@ import numpy as np
 from k15sys.algo.repeat import RepeatDetector
 from k15sys.algo.sampling import PromptSampler
 from k15sys.rollout.engine import RolloutEngine
-from k15sys.rollout.replay_buffer import Group, ReplayBuffer, Segment, Trajectory
+from k15sys.rollout.replay_buffer import FINISH_REASONS, Group, ReplayBuffer, Segment, Trajectory
 from k15sys.rollout.types import Completion, SamplingParams
-
-_REASONS = ("stop", "length", "repeat")
 
 
 @dataclass
@@ -134,6 +133,7 @@ class PartialRolloutScheduler:
         self.max_attempts = max_attempts
         self.repeat_detector = repeat_detector
         self.buffer = buffer if buffer is not None else ReplayBuffer()
+        self.buffer.check(num_prompts=len(self.prompts), group_size=group_size)  # e.g. read from another run's path
         self.last_stats = IterationStats()
 
     # ------------------------------------------------------------------ one iteration
@@ -266,9 +266,11 @@ class PartialRolloutScheduler:
         result = []
         for t, c in zip(task.trajectories, outs):
             ids, lps, reason = [int(x) for x in c.token_ids], [float(x) for x in c.logprobs], c.finish_reason
-            if len(ids) != len(lps) or len(ids) > task.budget or reason not in _REASONS:
+            if len(ids) != len(lps) or len(ids) > task.budget or reason not in FINISH_REASONS:
                 raise RuntimeError(f"engine returned a malformed completion ({len(ids)} tokens, {len(lps)} logprobs, "
                                    f"budget {task.budget}, reason {reason!r})")
+            if not all(map(math.isfinite, lps)):
+                raise RuntimeError(f"engine returned non-finite log-probs ({[x for x in lps if not math.isfinite(x)][:3]})")
             generated = len(ids)
             if reason == "length" and self.repeat_detector is not None:
                 cut = self._repeat_cut(t.response_ids, ids)
@@ -309,7 +311,8 @@ class PartialRolloutScheduler:
         return {"buffer": self.buffer.state_dict(), "sampler": self.sampler.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.buffer.load_state_dict(state["buffer"])
+        self.buffer.load_state_dict(state["buffer"], num_prompts=len(self.prompts), group_size=self.group_size,
+                                    source="checkpoint's replay buffer")
         self.sampler.load_state_dict(state["sampler"])
 
     def close(self) -> None:

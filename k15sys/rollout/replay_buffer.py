@@ -4,6 +4,13 @@ A trajectory is generated in segments, one per iteration at most; each segment r
 version that produced it. Unfinished trajectories (and finished members of groups that still wait for
 their siblings) live in the :class:`ReplayBuffer`, which saves atomically to disk (write to a temporary
 file, fsync, rename), so a crash or a resume loses no trajectory.
+
+What the buffer takes in is checked, so that a bad trajectory fails where it enters rather than as a NaN
+loss iterations later: :meth:`ReplayBuffer.add_group` checks its arguments, and a loaded file or state
+(:meth:`ReplayBuffer.load_state_dict`) must hold whole groups (members 0..k-1 of one prompt, k =
+``group_size`` when given) of well-formed trajectories -- finite log-probs, one per response token, a known
+finish reason, segments that tile the response, a prompt index inside the pool (``num_prompts``) --
+or nothing is loaded and :class:`ReplayBufferError` says where the problem is.
 """
 from __future__ import annotations
 
@@ -15,6 +22,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+FINISH_REASONS = ("stop", "length", "repeat")  # k15sys.rollout.types.FinishReason
+
+
+class ReplayBufferError(ValueError):
+    """A replay buffer file or state that is truncated, malformed or inconsistent (the message says where)."""
 
 
 @dataclass
@@ -63,17 +76,51 @@ class Trajectory:
 
     @staticmethod
     def from_dict(d: dict) -> "Trajectory":
-        return Trajectory(d["group_id"], d["sample_index"], d["prompt_index"], _unpack(d["prompt_ids"], np.int32),
-                          _unpack(d["response_ids"], np.int32), _unpack(d["logprobs"], np.float64),
-                          [Segment(*s) for s in d["segments"]], d["finish_reason"])
+        """Inverse of :meth:`to_dict`; raises ValueError naming the field of a malformed entry."""
+        prompt, response = _unpack(d, "prompt_ids", np.int32), _unpack(d, "response_ids", np.int32)
+        logprobs = _unpack(d, "logprobs", np.float64)
+        if prompt.size == 0:
+            raise ValueError("prompt_ids: empty")
+        if (prompt < 0).any() or (response < 0).any():
+            raise ValueError("token ids: negative")
+        if logprobs.size != response.size:
+            raise ValueError(f"logprobs: {logprobs.size} for {response.size} response tokens")
+        bad = np.flatnonzero(~np.isfinite(logprobs))
+        if bad.size:
+            raise ValueError(f"logprobs: not finite at token {bad[0]} ({logprobs[bad[0]]})")
+        segments = []
+        for s in d["segments"]:
+            if not (isinstance(s, list) and len(s) == 3 and all(_is_int(x) for x in s)):
+                raise ValueError(f"segments: expected [policy_version, start, end] ints, got {s!r}")
+            segments.append(Segment(*s))
+        end = 0
+        for s in segments:
+            if s.policy_version < 0 or s.start != end or s.end < s.start:
+                raise ValueError(f"segments: {s} does not continue the response at token {end}")
+            end = s.end
+        if end != response.size:
+            raise ValueError(f"segments: cover {end} of {response.size} response tokens")
+        if d["finish_reason"] is not None and d["finish_reason"] not in FINISH_REASONS:
+            raise ValueError(f"finish_reason: expected None or one of {list(FINISH_REASONS)}, got {d['finish_reason']!r}")
+        ids = [d[k] for k in ("group_id", "sample_index", "prompt_index")]
+        if not all(_is_int(x) and x >= 0 for x in ids):
+            raise ValueError(f"group_id, sample_index, prompt_index: expected ints >= 0, got {ids}")
+        return Trajectory(*ids, prompt.tolist(), response.tolist(), logprobs.tolist(), segments, d["finish_reason"])
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def _pack(values: list, dtype: type) -> str:
     return base64.b64encode(np.asarray(values, dtype=dtype).tobytes()).decode("ascii")
 
 
-def _unpack(text: str, dtype: type) -> list:
-    return np.frombuffer(base64.b64decode(text), dtype=dtype).tolist()
+def _unpack(d: dict, key: str, dtype: type) -> np.ndarray:
+    try:
+        return np.frombuffer(base64.b64decode(d[key], validate=True), dtype=dtype)
+    except (TypeError, ValueError) as e:  # binascii.Error is a ValueError
+        raise ValueError(f"{key}: not packed {np.dtype(dtype).name} values ({e})") from None
 
 
 @dataclass
@@ -99,12 +146,20 @@ class ReplayBuffer:
         self.groups: dict[int, list[Trajectory]] = {}
         self.next_group_id = 0
         if self.path is not None and self.path.exists():
-            self.load_state_dict(json.loads(self.path.read_text()))
+            try:
+                state = json.loads(self.path.read_text())
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise ReplayBufferError(f"{self.path}: not a replay buffer file (truncated or damaged JSON: {e})") from None
+            self.load_state_dict(state, source=str(self.path))
 
     def add_group(self, prompt_index: int, prompt_ids: list[int], group_size: int) -> int:
         """Open a group of ``group_size`` empty trajectories of one prompt; returns its id."""
-        if group_size < 1:
-            raise ValueError(f"group_size: must be >= 1, got {group_size!r}")
+        if not _is_int(group_size) or group_size < 1:
+            raise ValueError(f"group_size: must be an int >= 1, got {group_size!r}")
+        if not _is_int(prompt_index) or prompt_index < 0:
+            raise ValueError(f"prompt_index: must be an int >= 0, got {prompt_index!r}")
+        if not prompt_ids or not all(_is_int(x) and x >= 0 for x in prompt_ids):
+            raise ValueError(f"prompt_ids: must be a non-empty list of token ids >= 0, got {list(prompt_ids)[:8]!r}")
         gid = self.next_group_id
         self.next_group_id += 1
         self.groups[gid] = [Trajectory(gid, j, prompt_index, list(prompt_ids)) for j in range(group_size)]
@@ -126,9 +181,43 @@ class ReplayBuffer:
         return {"next_group_id": self.next_group_id,
                 "groups": {str(k): [t.to_dict() for t in v] for k, v in self.groups.items()}}
 
-    def load_state_dict(self, state: dict) -> None:
-        self.next_group_id = int(state["next_group_id"])
-        self.groups = {int(k): [Trajectory.from_dict(t) for t in v] for k, v in state["groups"].items()}
+    def load_state_dict(self, state: dict, *, num_prompts: int | None = None, group_size: int | None = None,
+                        source: str = "replay buffer") -> None:
+        """Replace the contents with ``state`` (from :meth:`state_dict`), after checking all of it.
+
+        Args:
+            num_prompts: size of the prompt pool; every group's prompt index must be below it.
+            group_size: k; every group must hold exactly k trajectories (otherwise only 0..n-1 is checked).
+            source: names the file or checkpoint in error messages.
+
+        Raises:
+            ReplayBufferError: what is wrong and in which group; the buffer is left unchanged.
+        """
+        where = "state"
+        try:
+            if not _is_int(state["next_group_id"]) or state["next_group_id"] < 0:
+                raise ValueError(f"next_group_id: expected an int >= 0, got {state['next_group_id']!r}")
+            groups: dict[int, list[Trajectory]] = {}
+            for key, members in state["groups"].items():
+                where = f"group {key}"
+                groups[int(key)] = _checked_group(int(key), [Trajectory.from_dict(t) for t in members], num_prompts,
+                                                  group_size)
+            where = "state"
+            if groups and max(groups) >= state["next_group_id"]:
+                raise ValueError(f"next_group_id: {state['next_group_id']} would reuse group id {max(groups)}")
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            detail = f"missing {e}" if isinstance(e, KeyError) else str(e)
+            raise ReplayBufferError(f"{source}: {where}: {detail}") from None
+        self.next_group_id, self.groups = state["next_group_id"], groups
+
+    def check(self, *, num_prompts: int | None = None, group_size: int | None = None) -> None:
+        """Check that every group fits a scheduler's prompt pool and group size (e.g. a buffer file read from a
+        path, before a scheduler continues it); :class:`ReplayBufferError` names the first group that does not."""
+        for gid, members in self.groups.items():
+            try:
+                _checked_group(gid, members, num_prompts, group_size)
+            except ValueError as e:
+                raise ReplayBufferError(f"{self.path or 'replay buffer'}: group {gid}: {e}") from None
 
     def save(self, path: str | os.PathLike | None = None) -> None:
         """Atomically write the buffer to ``path`` (default: the buffer's own path)."""
@@ -139,10 +228,26 @@ class ReplayBuffer:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "ReplayBuffer":
-        """The buffer saved at ``path`` (which must exist)."""
+        """The buffer saved at ``path`` (which must exist); :class:`ReplayBufferError` if it is damaged."""
         if not Path(path).exists():
             raise ValueError(f"path: no replay buffer at {str(path)!r}")
         return cls(path)
+
+
+def _checked_group(gid: int, members: list[Trajectory], num_prompts: int | None,
+                   group_size: int | None) -> list[Trajectory]:
+    """``members`` if they form group ``gid``: samples 0..n-1 of one prompt (n = ``group_size`` when given)."""
+    if not members or group_size is not None and len(members) != group_size:
+        raise ValueError(f"incomplete group: {len(members)} trajectories, group_size is {group_size}")
+    first = members[0]
+    for j, t in enumerate(members):
+        if (t.group_id, t.sample_index) != (gid, j):
+            raise ValueError(f"member {j} is sample {t.sample_index} of group {t.group_id} (a group lost a member?)")
+        if (t.prompt_index, t.prompt_ids) != (first.prompt_index, first.prompt_ids):
+            raise ValueError(f"member {j} has another prompt than member 0")
+    if num_prompts is not None and first.prompt_index >= num_prompts:
+        raise ValueError(f"prompt_index: {first.prompt_index} is outside the pool of {num_prompts} prompts")
+    return members
 
 
 def atomic_write_json(target: Path, obj: dict) -> None:
