@@ -37,7 +37,7 @@ def default_splits(batch: int, kv_heads: int, device: torch.device) -> int:
         return 2
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     want = -(-4 * sms // max(1, batch * kv_heads))
-    return min(16, 1 << max(0, want - 1).bit_length())
+    return min(64, 1 << max(0, want - 1).bit_length())
 
 
 def paged_decode_attention(
