@@ -173,7 +173,7 @@ def _latest_checkpoint(run_dir: str) -> Path:
     """The run's latest checkpoint directory; a config error if there is none."""
     from k15sys.train.checkpoint import latest_checkpoint
 
-    ck = latest_checkpoint(Path(run_dir) / "checkpoints")
+    ck = latest_checkpoint(Path(run_dir) / "checkpoints", log=lambda msg: print(f"k15: {msg}", file=sys.stderr))
     if ck is None:
         raise ConfigError(f"run_dir: no checkpoint under {run_dir}/checkpoints")
     return ck
