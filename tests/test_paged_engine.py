@@ -69,13 +69,14 @@ def test_stop_tokens_and_logprobs_equal_the_model():
         assert o.token_ids == _hf_greedy(model, p, 21, stop)
         assert o.finish_reason == ("stop" if o.token_ids[-1] == stop else "length")
     assert outs[1].finish_reason == "stop" and len(outs[1].token_ids) <= 7
-    params = SamplingParams(12, temperature=0.8, top_k=20, top_p=0.9, seed=5)
-    for p, o in zip(PROMPTS, eng.generate(PROMPTS, params)):
-        seq = torch.tensor([p + o.token_ids])
-        logits = model(seq).logits[0, len(p) - 1: -1]
-        want = _filtered_logprobs(logits, params).gather(-1, torch.tensor(o.token_ids)[:, None])[:, 0]
-        assert torch.allclose(torch.tensor(o.logprobs), want, atol=1e-4)
-        assert all(np.isfinite(o.logprobs))
+    for params in (SamplingParams(12, temperature=0.8, top_k=20, top_p=0.9, seed=5),
+                   SamplingParams(12, temperature=0.7, seed=5), SamplingParams(12, seed=5)):
+        for p, o in zip(PROMPTS, eng.generate(PROMPTS, params)):
+            seq = torch.tensor([p + o.token_ids])
+            logits = model(seq).logits[0, len(p) - 1: -1]
+            want = _filtered_logprobs(logits, params).gather(-1, torch.tensor(o.token_ids)[:, None])[:, 0]
+            assert torch.allclose(torch.tensor(o.logprobs), want, atol=1e-4)
+            assert all(np.isfinite(o.logprobs))
 
 
 def test_continued_trajectory_equals_one_shot():

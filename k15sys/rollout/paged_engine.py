@@ -433,10 +433,14 @@ class PagedEngine:
 def _sample(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Next token of each row and its log-prob under the sampling distribution (untempered when greedy)."""
     if params.temperature == 0:
-        lp = torch.log_softmax(logits.float(), dim=-1)
+        lp = torch.log_softmax(logits, dim=-1, dtype=torch.float32)
         nxt = logits.argmax(-1)
     else:
-        lp = _filtered_logprobs(logits, params)
+        if params.top_k == 0 and params.top_p == 1.0:  # no filter: one upcasting pass fewer
+            z = logits if params.temperature == 1.0 else logits.float() / params.temperature
+            lp = torch.log_softmax(z, dim=-1, dtype=torch.float32)
+        else:
+            lp = _filtered_logprobs(logits, params)
         race = torch.empty_like(lp).exponential_(generator=gen)  # argmax(p / E), E ~ Exp(1): a draw from p
         nxt = (lp - race.log_()).argmax(-1)
     return nxt, lp.gather(-1, nxt[:, None]).squeeze(-1)
