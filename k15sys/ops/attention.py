@@ -24,6 +24,11 @@ _LOG2E = 1.4426950408889634
 
 
 def _validate(q, k, v, cu_seqlens, max_seqlen) -> None:
+    for name, x in (("q", q), ("k", k), ("v", v), ("cu_seqlens", cu_seqlens)):
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+    if not q.is_floating_point():
+        raise ValueError(f"q: expected a floating-point tensor (float32, float16 or bfloat16), got {q.dtype}")
     if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
         raise ValueError(f"q/k/v: expected [T, heads, D], got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     if k.shape != v.shape:
