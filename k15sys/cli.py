@@ -6,7 +6,8 @@
     k15 plot DIR [--out curve.png]
     k15 export DIR --out MODEL_DIR
 
-``k15 train`` with no arguments runs ``configs/default.yaml`` (the embedded default if the file is not
+``k15 train --set model.path=DIR --set data.train=F.jsonl --set data.eval=G.jsonl`` trains your own model on your
+problems (docs/your_model.md). ``k15 train`` with no arguments runs ``configs/default.yaml`` (the embedded default if the file is not
 there). Configuration errors are reported before any work starts, naming the key.
 """
 from __future__ import annotations
@@ -131,10 +132,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
             raise ConfigError(f"--model: {args.model} does not match the run's model: {e}") from None
         row = {"model": str(args.model)}
     with intra_op_threads(generation_threads(cfg)):
-        scores = evaluate(tr.engine, tr.tokenizer, tr.splits.eval, max_new_tokens=cfg.rl.max_new_tokens,
+        scores = evaluate(tr.engine, tr.task, tr.task.eval, max_new_tokens=cfg.rl.max_new_tokens,
                        num_samples=args.samples, temperature=cfg.eval.temperature, batch_size=cfg.eval.batch_size,
                        seed=cfg.run.seed)
-    tr.scheduler.close()
+    tr.close()
     print(json.dumps({**row, **scores}, sort_keys=True))
     return 0
 
@@ -144,7 +145,13 @@ def cmd_long2short(args: argparse.Namespace) -> int:
 
     from k15sys.train.long2short_job import long2short
 
-    row = long2short(args.method, _load_cfg_for_run(args), args.run_dir)
+    try:
+        row = long2short(args.method, _load_cfg_for_run(args), args.run_dir)
+    except ValueError as e:  # nothing to train on (no correct sample, no preference pair), no checkpoint
+        if isinstance(e, ConfigError):
+            raise
+        print(f"k15: long2short {args.method}: {e}", file=sys.stderr)
+        return 1
     print(json.dumps(row, sort_keys=True))
     return 0
 
@@ -233,7 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="write a run's latest policy as a transformers model directory")
     p.add_argument("run_dir")
-    p.add_argument("--out", required=True, help="directory for config.json, model.safetensors, k15_tokens.json")
+    p.add_argument("--out", required=True, help="directory for config.json, model.safetensors and the tokenizer (model.path's own; "
+                        "k15_tokens.json for the built-in model)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("plot", help="render PNG curves from a run's metrics.jsonl")

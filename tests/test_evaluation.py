@@ -1,6 +1,6 @@
 """Held-out evaluation metrics (k15sys.train.evaluation) on scripted completions."""
 from k15sys.rollout.types import Completion
-from k15sys.tasks import CharTokenizer, direct_answer, make_splits, solution
+from k15sys.tasks import ArithmeticTask, CharTokenizer, direct_answer, make_splits, solution
 from k15sys.train.evaluation import evaluate
 
 
@@ -21,11 +21,12 @@ class ScriptedEngine:
 
 def test_evaluate_counts_direct_answers_and_accuracy():
     tok = CharTokenizer()
-    problems = make_splits(seed=3, num_train=4, num_eval=10, min_ops=2, max_ops=4, max_operand=9).eval
+    splits = make_splits(seed=3, num_train=4, num_eval=10, min_ops=2, max_ops=4, max_operand=9)
+    problems = splits.eval
     # 4 direct answers (3 right, 1 wrong), 6 worked solutions (5 right, 1 with a wrong boxed answer)
     texts = [direct_answer(p) for p in problems[:3]] + [f"\\boxed{{{int(problems[3].answer) + 1}}}"]
     texts += [solution(p) for p in problems[4:9]] + [solution(problems[9]).replace(f"\\boxed{{{problems[9].answer}}}", "\\boxed{999}")]
-    row = evaluate(ScriptedEngine(tok, {p.prompt: t for p, t in zip(problems, texts)}), tok, problems, max_new_tokens=96,
+    row = evaluate(ScriptedEngine(tok, {p.prompt: t for p, t in zip(problems, texts)}), ArithmeticTask(splits, tok), problems, max_new_tokens=96,
                    batch_size=3)
     assert row["eval/pass@1"] == 0.8
     assert row["eval/direct_share"] == 0.4

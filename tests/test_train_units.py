@@ -194,6 +194,19 @@ def test_config_refuses_combinations_that_do_nothing():
         load_config(None, ["rl.length_penalty_weight=0.5", "rl.length_penalty_warmup=50", "rl.iterations=50"])
 
 
+def test_trainer_checks_a_config_built_in_python(tmp_path):
+    """dataclasses.replace skips load_config's checks; the Trainer refuses the config before building anything."""
+    import dataclasses
+
+    from k15sys.train.trainer import Trainer
+
+    cfg = load_config(None, [f"run.output_dir={tmp_path}"])
+    with pytest.raises(ConfigError, match="^rl.temperature: must be > 0"):
+        Trainer(dataclasses.replace(cfg, rl=dataclasses.replace(cfg.rl, temperature=0.0)))
+    with pytest.raises(ConfigError, match="^rl.lr: must be a finite number"):
+        Trainer(dataclasses.replace(cfg, rl=dataclasses.replace(cfg.rl, lr=float("inf"))))
+
+
 @pytest.mark.parametrize("row_tokens", [0, 7, 12])
 def test_packing_matches_separate_forward(row_tokens):
     lm = build_model(ModelConfig(hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4, num_kv_heads=2),

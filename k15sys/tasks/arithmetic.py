@@ -17,11 +17,18 @@ is what long2short (2.4) shortens.
 answers in (``TaskConfig.direct_prob``), as distilled data of mixed styles does, so the SFT model
 sometimes answers without reasoning -- which a small model cannot do reliably on multi-step chains;
 RL with the verifier then learns that reasoning first pays.
+
+:class:`ArithmeticTask` is this task behind the :class:`k15sys.tasks.base.Task` protocol the trainer uses.
 """
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
+
+from k15sys.rewards import math_reward
+from k15sys.tasks.base import SFTBatch
+from k15sys.tasks.tokenizer import CharTokenizer
 
 
 @dataclass(frozen=True)
@@ -137,3 +144,89 @@ def make_splits(
 
     held_out = draw(num_eval)
     return TaskSplits(train=draw(num_train), eval=held_out)
+
+
+def sft_examples(
+    problems: Sequence[Problem], tokenizer: CharTokenizer, *, rng: random.Random, verify_prob: float, n: int,
+    direct_prob: float = 0.0, mistake_prob: float = 0.0,
+) -> tuple[list[list[int]], list[int], list[list[bool]]]:
+    """``n`` random (prompt + solution) token sequences, their prompt lengths and per-token target flags
+    (False on the slips of self-correcting traces, which SFT must not imitate; see
+    :func:`solution_segments`); a ``direct_prob`` share of the responses are the answer with no working
+    (:func:`direct_answer`)."""
+    seqs, plens, targets = [], [], []
+    for _ in range(n):
+        p = problems[rng.randrange(len(problems))]
+        prompt = tokenizer.encode(p.prompt, bos=True)
+        if rng.random() < direct_prob:
+            segs = [(direct_answer(p), True)]
+        else:
+            segs = solution_segments(p, rng=rng, verify_prob=verify_prob, mistake_prob=mistake_prob)
+        seq, keep = list(prompt), [True] * len(prompt)
+        for text, imitate in segs:
+            ids = tokenizer.encode(text)
+            seq += ids
+            keep += [imitate] * len(ids)
+        seqs.append(seq + [tokenizer.eos_token_id])
+        targets.append(keep + [True])
+        plens.append(len(prompt))
+    return seqs, plens, targets
+
+
+def warmup_problems(problems: Sequence[Problem], max_ops: int) -> list[Problem]:
+    """The warm-up set (paper 2.3.1): the problems with at most ``max_ops`` operations (0 = all of them).
+
+    A warm-up on the easier problems only leaves the harder ones to RL, whose curriculum (2.3.4) moves
+    from easy to hard."""
+    if max_ops < 0:
+        raise ValueError(f"max_ops: must be >= 0, got {max_ops}")
+    chosen = [p for p in problems if not max_ops or p.difficulty <= max_ops]
+    if problems and not chosen:
+        raise ValueError(f"max_ops={max_ops}: no training problem has that few operations")
+    return chosen
+
+
+class ArithmeticTask:
+    """The shipped task as a :class:`k15sys.tasks.base.Task`: :func:`make_splits` problems, the character tokenizer,
+    ``math_reward`` on the decoded response, long-CoT (or short, ``long_cot=False``) warm-up traces.
+
+    Args:
+        splits: the train / held-out problems.
+        tokenizer: the task's :class:`CharTokenizer`.
+        sft_max_ops: warm-up set, see :func:`warmup_problems`.
+        long_cot: warm-up traces with checks (``verify_prob``, ``mistake_prob``) or short ones without.
+        verify_prob, direct_prob, mistake_prob: the trace options of :func:`sft_examples`.
+    """
+
+    has_sft = True
+    has_short_cot = True
+
+    def __init__(self, splits: TaskSplits, tokenizer: CharTokenizer, *, sft_max_ops: int = 0, long_cot: bool = True,
+                 verify_prob: float = 0.0, direct_prob: float = 0.0, mistake_prob: float = 0.0) -> None:
+        self.tokenizer = tokenizer
+        self.train, self.eval = splits.train, splits.eval
+        self.warmup_set = warmup_problems(splits.train, sft_max_ops)
+        self.verify_prob, self.mistake_prob = (verify_prob, mistake_prob) if long_cot else (0.0, 0.0)
+        self.direct_prob = direct_prob
+
+    def prompt_ids(self, item: Problem) -> list[int]:
+        return self.tokenizer.encode_prompt(item.prompt)
+
+    def reward(self, items: Sequence[Problem], responses: Sequence[Sequence[int]]) -> list[float]:
+        if len(items) != len(responses):
+            raise ValueError(f"responses: {len(responses)} for {len(items)} problems")
+        return [math_reward(self.tokenizer.decode(r), p.answer) for p, r in zip(items, responses)]
+
+    def sft_examples(self, rng: random.Random, n: int) -> SFTBatch:
+        return sft_examples(self.warmup_set, self.tokenizer, rng=rng, verify_prob=self.verify_prob, n=n,
+                            direct_prob=self.direct_prob, mistake_prob=self.mistake_prob)
+
+    def response_metrics(self, responses: Sequence[Sequence[int]]) -> dict[str, float]:
+        """``direct_share``: the share of responses whose first token opens the boxed answer (no working)."""
+        if not responses:
+            return {}
+        direct = [bool(r) and r[0] == self.tokenizer.boxed_token_id for r in responses]
+        return {"direct_share": sum(direct) / len(direct)}
+
+    def close(self) -> None:
+        pass

@@ -23,6 +23,7 @@ class CharTokenizer:
         self._ids = {t: i for i, t in enumerate(self.tokens)}
         self.pad_token_id, self.bos_token_id, self.eos_token_id = 0, 1, 2
         self.boxed_token_id = self._ids[BOXED]  # opens the answer: a response starting with it has no working
+        self.stop_token_ids = (self.eos_token_id,)
 
     @property
     def vocab_size(self) -> int:
@@ -45,6 +46,10 @@ class CharTokenizer:
         if eos:
             ids.append(self.eos_token_id)
         return ids
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """A problem's prompt: ``<bos>`` + its characters."""
+        return self.encode(text, bos=True)
 
     def decode(self, ids: Sequence[int], *, skip_special: bool = True) -> str:
         """Text of ``ids``; specials are dropped unless ``skip_special=False``."""

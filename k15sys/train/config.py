@@ -138,6 +138,11 @@ class RLConfig:
     tempered_logprobs: bool = _opt(True, "log-probs of the PMD loss (policy and reference) under softmax(logits / "
                                    "rl.temperature), the distribution the rollouts were drawn from, so the samples are "
                                    "on-policy for what is trained; false = untempered logits")
+    logprob_path: str = _opt("auto", "log-probs of the PMD steps: 'fused' = the iteration's first step (weights still "
+                             "pi_i, so each sample's loss gradient is known before the forward) through "
+                             "fused_logprob_loss, the later steps through autograd fused_logprobs; 'autograd' = every "
+                             "step through autograd; 'auto' = fused on CUDA, autograd on the CPU (docs/weights.md)",
+                             choices=("auto", "fused", "autograd"))
     max_new_tokens: int = _opt(96, "max response length (tokens); longer ones are truncated", min=1)
     token_budget: int = _opt(0, "partial rollouts: tokens per trajectory per iteration (0 = max_new_tokens)", min=0)
     sampler: str = _opt("curriculum", "prompt sampler", choices=("curriculum", "prioritized", "uniform"))
@@ -306,6 +311,12 @@ def config_from_dict(data: dict[str, Any]) -> Config:
     cfg = _build(Config, data or {}, "")
     _cross_checks(cfg)
     return cfg
+
+
+def check_config(cfg: Config) -> None:
+    """Validate a :class:`Config` built in Python (dataclass constructors and ``dataclasses.replace`` check nothing)
+    exactly as :func:`load_config` validates files; raises :class:`ConfigError`."""
+    config_from_dict(to_dict(cfg))
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

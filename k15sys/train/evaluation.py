@@ -1,10 +1,12 @@
-"""Held-out evaluation: greedy pass@1 and sampled pass@k with the math verifier (paper 2.3.5, 3.3).
+"""Held-out evaluation: greedy pass@1 and sampled pass@k with the task's verifier (paper 2.3.5, 3.3).
 
 ``evaluate`` generates with the rollout engine (greedy for pass@1; ``num_samples`` draws at a
-temperature for pass@k, unbiased estimator of Chen et al. 2021), scores with ``math_reward`` and also
-reports the mean response length in tokens, which long2short (2.4) trades against accuracy, and the share
-of greedy responses that give the boxed answer with no working (``eval/direct_share``), which shows whether
-RL moves a mixed-style warm-up model (2.3.1) toward reasoning first, with longer responses.
+temperature for pass@k, unbiased estimator of Chen et al. 2021), scores with the task's reward (the math
+verifier, or the fraction of code tests passed: a problem counts as solved at reward 1) and also reports the
+mean response length in tokens, which long2short (2.4) trades against accuracy, pass@1 per difficulty label,
+and the task's own figures of the greedy responses (:meth:`k15sys.tasks.base.Task.response_metrics`; the
+arithmetic task's ``eval/direct_share``, the share of responses that give the boxed answer with no working,
+shows whether RL moves a mixed-style warm-up model (2.3.1) toward reasoning first, with longer responses).
 """
 from __future__ import annotations
 
@@ -12,9 +14,8 @@ from collections.abc import Sequence
 from math import comb
 from typing import Any
 
-from k15sys.rewards import math_reward
 from k15sys.rollout import SamplingParams
-from k15sys.tasks import CharTokenizer, Problem
+from k15sys.tasks.base import Item, Task
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -26,24 +27,22 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - comb(n - c, k) / comb(n, k)
 
 
-def score(tokenizer: CharTokenizer, problems: Sequence[Problem], completions: Sequence[Any], *, truncated_reward: float = 0.0) -> list[float]:
-    """Verifier reward of each completion (``completions[i]`` answers ``problems[i]``); a response cut
-    at the length limit scores ``truncated_reward``."""
+def score(task: Task, problems: Sequence[Item], completions: Sequence[Any], *, truncated_reward: float = 0.0) -> list[float]:
+    """The task's reward of each completion (``completions[i]`` answers ``problems[i]``), one batch; a response cut
+    at the length limit scores ``truncated_reward`` without being verified."""
     if len(problems) != len(completions):
         raise ValueError(f"completions: {len(completions)} for {len(problems)} problems")
-    out = []
-    for p, c in zip(problems, completions):
-        if c.finish_reason == "length":
-            out.append(truncated_reward)
-        else:
-            out.append(math_reward(tokenizer.decode(c.token_ids), p.answer))
+    out = [truncated_reward] * len(problems)
+    scored = [i for i, c in enumerate(completions) if c.finish_reason != "length"]
+    for i, r in zip(scored, task.reward([problems[i] for i in scored], [completions[i].token_ids for i in scored])):
+        out[i] = r
     return out
 
 
 def evaluate(
     engine: Any,
-    tokenizer: CharTokenizer,
-    problems: Sequence[Problem],
+    task: Task,
+    problems: Sequence[Item],
     *,
     max_new_tokens: int,
     num_samples: int = 1,
@@ -51,37 +50,37 @@ def evaluate(
     batch_size: int = 256,
     seed: int = 0,
 ) -> dict[str, float]:
-    """``{"eval/pass@1", "eval/response_len", "eval/direct_share", "eval/pass@1/d<N>"..., "eval/pass@<k>"}`` on
-    ``problems``; ``eval/direct_share`` is the share of greedy responses whose first token opens the boxed answer."""
+    """``{"eval/pass@1", "eval/response_len", "eval/pass@1/d<N>"..., "eval/<task figure>"..., "eval/pass@<k>"}`` on
+    ``problems`` (solved = reward 1)."""
     if not problems:
         raise ValueError("problems: empty evaluation set")
     if num_samples < 1:
         raise ValueError(f"num_samples: must be >= 1, got {num_samples}")
-    stop = (tokenizer.eos_token_id,)
+    stop = task.tokenizer.stop_token_ids
     greedy = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, stop_token_ids=stop, seed=seed)
-    correct, lengths, direct = [], [], []
+    correct, lengths, responses = [], [], []
     for i in range(0, len(problems), batch_size):
         chunk = problems[i : i + batch_size]
-        comps = engine.generate([tokenizer.encode(p.prompt, bos=True) for p in chunk], greedy)
-        correct += score(tokenizer, chunk, comps)
+        comps = engine.generate([task.prompt_ids(p) for p in chunk], greedy)
+        correct += [float(r >= 1.0) for r in score(task, chunk, comps)]
         lengths += [len(c.token_ids) for c in comps]
-        direct += [bool(c.token_ids) and c.token_ids[0] == tokenizer.boxed_token_id for c in comps]
+        responses += [c.token_ids for c in comps]
     row: dict[str, float] = {
         "eval/pass@1": sum(correct) / len(correct),
         "eval/response_len": sum(lengths) / len(lengths),
-        "eval/direct_share": sum(direct) / len(direct),
+        **{f"eval/{k}": v for k, v in task.response_metrics(responses).items()},
     }
     for d in sorted({p.difficulty for p in problems}):
         sel = [c for c, p in zip(correct, problems) if p.difficulty == d]
-        row[f"eval/pass@1/d{d}"] = sum(sel) / len(sel)
+        row[f"eval/pass@1/d{d:g}"] = sum(sel) / len(sel)
     if num_samples > 1:
         sampled = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, stop_token_ids=stop, seed=seed + 1)
-        prompts = [tokenizer.encode(p.prompt, bos=True) for p in problems for _ in range(num_samples)]
+        prompts = [task.prompt_ids(p) for p in problems for _ in range(num_samples)]
         reps = [p for p in problems for _ in range(num_samples)]
         rewards: list[float] = []
         for i in range(0, len(prompts), batch_size):
-            rewards += score(tokenizer, reps[i : i + batch_size], engine.generate(prompts[i : i + batch_size], sampled))
-        per = [rewards[j * num_samples : (j + 1) * num_samples] for j in range(len(problems))]
+            rewards += score(task, reps[i : i + batch_size], engine.generate(prompts[i : i + batch_size], sampled))
+        per = [[float(r >= 1.0) for r in rewards[j * num_samples : (j + 1) * num_samples]] for j in range(len(problems))]
         row[f"eval/pass@{num_samples}"] = sum(pass_at_k(num_samples, int(sum(r)), num_samples) for r in per) / len(per)
         row["eval/sampled_acc"] = sum(rewards) / len(rewards)
     return row

@@ -25,7 +25,7 @@ import torch
 from k15sys.algo.long2short import build_dpo_pairs, dpo_loss, merge_state_dicts, shortest_rejection_sample
 from k15sys.rollout import SamplingParams
 from k15sys.train import distributed as dist_utils
-from k15sys.train.config import Config
+from k15sys.train.config import Config, ConfigError
 from k15sys.train.evaluation import evaluate, score
 from k15sys.train.model import export_model
 from k15sys.train.packing import pack
@@ -43,7 +43,7 @@ def _load(cfg: Config, run_dir: Path) -> Trainer:
 
 
 def _eval(tr: Trainer) -> dict[str, float]:
-    e = evaluate(tr.engine, tr.tokenizer, tr.splits.eval, max_new_tokens=tr.cfg.rl.max_new_tokens,
+    e = evaluate(tr.engine, tr.task, tr.task.eval, max_new_tokens=tr.cfg.rl.max_new_tokens,
                  batch_size=tr.cfg.eval.batch_size, seed=tr.cfg.run.seed)
     return {"pass@1": e["eval/pass@1"], "response_len": e["eval/response_len"]}
 
@@ -52,14 +52,14 @@ def _samples(tr: Trainer) -> list[tuple[list[int], list[list[int]], list[bool]]]
     """(prompt ids, n responses, correctness) for ``num_problems`` training problems."""
     c = tr.cfg.long2short
     rng = random.Random(tr.cfg.run.seed)
-    problems = rng.sample(tr.splits.train, min(c.num_problems, len(tr.splits.train)))
+    problems = rng.sample(list(tr.task.train), min(c.num_problems, len(tr.task.train)))
     params = SamplingParams(tr.cfg.rl.max_new_tokens, temperature=tr.cfg.rl.temperature,
-                            stop_token_ids=(tr.tokenizer.eos_token_id,), seed=tr.cfg.run.seed + 17)
-    prompts = [tr.tokenizer.encode(p.prompt, bos=True) for p in problems for _ in range(c.num_samples)]
+                            stop_token_ids=tr.tokenizer.stop_token_ids, seed=tr.cfg.run.seed + 17)
+    prompts = [tr.task.prompt_ids(p) for p in problems for _ in range(c.num_samples)]
     comps = tr.engine.generate(prompts, params)
-    ok = score(tr.tokenizer, [p for p in problems for _ in range(c.num_samples)], comps)
+    ok = score(tr.task, [p for p in problems for _ in range(c.num_samples)], comps)
     n = c.num_samples
-    return [(prompts[i * n], [comps[j].token_ids for j in range(i * n, (i + 1) * n)], [r > 0 for r in ok[i * n : (i + 1) * n]])
+    return [(prompts[i * n], [comps[j].token_ids for j in range(i * n, (i + 1) * n)], [r >= 1.0 for r in ok[i * n : (i + 1) * n]])
             for i in range(len(problems))]
 
 
@@ -68,6 +68,9 @@ def _optimizer(tr: Trainer, lr: float) -> torch.optim.Optimizer:
 
 
 def run_merge(tr: Trainer) -> dict[str, Any]:
+    if not tr.task.has_short_cot:
+        raise ConfigError("long2short merge: this run's task has no short-CoT warm-up traces to train the short model "
+                          "on (a data.train run); use srs, dpo or rl")
     long_state = dist_utils.full_state_dict(tr.policy.lm)
     short_cfg = dataclasses.replace(tr.cfg, sft=dataclasses.replace(tr.cfg.sft, long_cot=False),
                                     run=dataclasses.replace(tr.cfg.run, output_dir=str(Path(tr.cfg.run.output_dir) / "short_sft")))
@@ -172,5 +175,5 @@ def long2short(method: str, cfg: Config, run_dir: str | Path) -> dict[str, Any]:
     }
     with (run_dir / "long2short.jsonl").open("a") as f:
         f.write(json.dumps(row, sort_keys=True) + "\n")
-    tr.scheduler.close()
+    tr.close()
     return row

@@ -40,7 +40,7 @@ from k15sys.rollout.paged_engine import make_rollout_engine
 from k15sys.tasks import CharTokenizer, make_splits
 from k15sys.train import distributed as dist_utils
 from k15sys.train.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from k15sys.train.config import Config, RLConfig, to_dict
+from k15sys.train.config import Config, RLConfig, check_config, to_dict
 from k15sys.train.evaluation import evaluate
 from k15sys.train.hybrid import TrainerOffload
 from k15sys.train.metrics import MetricsLog
@@ -165,6 +165,7 @@ class Trainer:
     """
 
     def __init__(self, cfg: Config, *, stop_after: Callable[[int, str], None] | None = None) -> None:
+        check_config(cfg)  # a Config built in Python skipped load_config's checks
         self.cfg = cfg
         if cfg.run.deterministic:
             use_deterministic_algorithms()
