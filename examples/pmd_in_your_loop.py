@@ -88,7 +88,7 @@ def main() -> None:
         push_weights(engine, {n: p.detach() for n, p in model.named_parameters()})
         rewards_seen.append(float(rewards.mean()))
         gaps.append(gap)
-        print(json.dumps({"step": step + 1, "reward": rewards_seen[-1], "loss": float(loss), "logp_gap": gap}), flush=True)
+        print(json.dumps({"step": step + 1, "reward": rewards_seen[-1], "loss": float(loss.detach()), "logp_gap": gap}), flush=True)
     moved = max(float((p.detach() - start[n]).abs().max()) for n, p in model.named_parameters())
     print(json.dumps({"steps": args.steps, "mean_reward": sum(rewards_seen) / len(rewards_seen),
                       "max_weight_change": moved, "max_logp_gap_to_engine": max(gaps), "engine_in_sync": all(

@@ -13,6 +13,7 @@ def test_pmd_in_your_loop_runs_on_policy_and_keeps_the_engine_in_sync():
     out = subprocess.run([sys.executable, str(ROOT / "examples" / "pmd_in_your_loop.py"), "--steps", "2"],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
+    assert "Warning" not in out.stderr, out.stderr[-2000:]  # e.g. torch's float() of a tensor that requires grad
     lines = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
     assert [r["step"] for r in lines[:-1]] == [1, 2]
     summary = lines[-1]
