@@ -42,8 +42,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         print("\n".join(describe()))
         return 0
     cfg = _load(args)
+    if cfg.run.progress and int(os.environ.get("RANK", "0")) == 0:  # the first seconds: imports, data, model, engine
+        what = f"model {cfg.model.path}" if cfg.model.path else "the built-in model"
+        print(f"k15: loading torch, the data and {what}, then building the rollout engine "
+              f"(run.device={cfg.run.device})...", file=sys.stderr, flush=True)
     from k15sys.train import distributed
     from k15sys.train.checkpoint import latest_checkpoint
+    from k15sys.train.progress import note
     from k15sys.train.trainer import Trainer, check_no_previous_run, remove_run
 
     if args.resume and args.overwrite:
@@ -68,8 +73,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         trainer.request_stop()
         stopped_by.append(signum)
         unit = "SFT step" if trainer.stage == "sft" else "iteration"
-        print(f"k15: {signal.Signals(signum).name}: stopping after this {unit} with a checkpoint "
-              "(send it again to abort)", file=sys.stderr)
+        note(f"k15: {signal.Signals(signum).name}: stopping after this {unit} with a checkpoint "
+             "(send it again to abort)")  # on its own line, above the progress bar
 
     handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
