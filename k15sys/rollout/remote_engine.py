@@ -1,16 +1,18 @@
 """Rollout workers in their own processes, fed through the checkpoint engine (paper 2.6.2-2.6.3).
 
 :class:`RemoteEngine` is a :class:`~k15sys.rollout.RolloutEngine` that lives in the trainer process. It
-spawns ``num_workers`` processes and joins them in a private gloo group (trainer = rank 0, workers = ranks
-1..N); each worker builds its own engine with ``make_engine()`` (a picklable factory: e.g. a TorchEngine on
-its GPU, or a VLLMEngine) and serves commands until :meth:`close`:
+spawns ``num_workers`` processes and joins them in a gloo :class:`~k15sys.weights.WeightGroup` of their own
+(trainer = rank 0, workers = ranks 1..N; its own TCP store, not torch's default group, so a torchrun rank can
+have rollout workers); each worker builds its own engine with ``make_engine()`` (a picklable factory: e.g. a
+TorchEngine on its GPU, or a VLLMEngine) and serves commands until :meth:`close`:
 
 * ``generate``: the prompts are split into contiguous chunks, one per worker, run concurrently, and the
   completions come back in prompt order; worker w samples with ``seed + w`` (seeded runs stay reproducible
   for a given number of workers);
 * ``update_weights``: one :class:`~k15sys.weights.CheckpointEngine` version from rank 0 to every worker
-  (bucketed, pipelined; staged receivers hand the tensors to their engine's ``update_weights`` after the
-  commit vote), so a version is applied by every worker or by none;
+  (bucketed, pipelined; each worker checks the version against its engine's tensors before the commit vote,
+  :func:`~k15sys.weights.local.check_weights`, and hands it to its engine's ``update_weights`` after it), so
+  a version is applied by every worker or by none;
 * ``sleep`` / ``wake`` for colocated deployments.
 
 A worker that dies or stops answering is a :class:`RuntimeError` (generation) or
@@ -29,7 +31,16 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from k15sys.rollout.types import Completion, SamplingParams
-from k15sys.weights import CheckpointEngine, free_port
+from k15sys.weights import CheckpointEngine, WeightGroup, WeightSyncError
+from k15sys.weights.local import check_weights, engine_weights
+
+
+def _check_for(engine: Any) -> Callable[[list[tuple[str, torch.Tensor]]], None]:
+    """The worker's pre-commit check of a version: against its engine's tensors when it exposes them."""
+    def check(named: list[tuple[str, torch.Tensor]]) -> None:
+        own = engine_weights(engine)
+        check_weights(named, None if own is None else own[0], optional=() if own is None else own[1])
+    return check
 
 
 def _serve(rank: int, world: int, port: int, make_engine: Callable[[], Any], timeout_s: float,
@@ -38,25 +49,22 @@ def _serve(rank: int, world: int, port: int, make_engine: Callable[[], Any], tim
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the trainer decides
     if cuda_device is not None:
         torch.cuda.set_device(cuda_device)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=timeout_s))
+    group = WeightGroup.create(rank, world, port=port, timeout_s=timeout_s)
     engine = make_engine()
-    sync = CheckpointEngine(src=0, bucket_bytes=bucket_bytes, device="cpu")
+    sync = CheckpointEngine(group, src=0, bucket_bytes=bucket_bytes, device="cpu")
     while True:
-        box: list[Any] = [None]
-        dist.recv_object_list(box, src=0)
-        cmd, *args = box[0]
+        cmd, *args = group.recv_object(0)
         if cmd == "close":
             break
         try:
-            if cmd == "weights":  # the transfer is all-or-nothing; the engine's own load may still refuse
-                reply: Any = sync.update(args[0], load_fn=engine.update_weights)
+            if cmd == "weights":  # all-or-nothing over the workers: checked before the commit vote
+                reply: Any = sync.update(args[0], load_fn=engine.update_weights, check_fn=_check_for(engine))
             else:
                 reply = getattr(engine, cmd)(*args)
         except Exception as e:  # the trainer re-raises it with the worker's rank
             reply = e
-        dist.send_object_list([reply], dst=0)
-    dist.destroy_process_group()
+        group.send_object(reply, 0)
+    group.close()
 
 
 class RemoteEngine:
@@ -70,7 +78,8 @@ class RemoteEngine:
         cuda_devices: GPU index of each worker (made current before ``make_engine`` runs, so a factory that
             uses ``torch.cuda.current_device()`` lands on it); None leaves the device choice to the factory.
 
-    The trainer process must not have a default process group already (a single-process trainer).
+    Works in a single-process trainer and in each rank of a torchrun job alike (the workers' group is not
+    torch's default group).
     """
 
     def __init__(self, make_engine: Callable[[], Any], num_workers: int, *, timeout_s: float = 300.0,
@@ -79,22 +88,20 @@ class RemoteEngine:
             raise ValueError(f"num_workers: must be a positive int, got {num_workers!r}")
         if cuda_devices is not None and len(cuda_devices) != num_workers:
             raise ValueError(f"cuda_devices: {len(cuda_devices)} entries for {num_workers} workers")
-        if dist.is_initialized():
-            raise ValueError("RemoteEngine: this process already has a default process group (torchrun); "
-                             "rollout workers are supported with a single-process trainer")
-        port = free_port()
         world = num_workers + 1
+        # the trainer hosts the group's store on a port the OS picks, then hands it to the workers
+        store = dist.TCPStore("127.0.0.1", 0, world, is_master=True, timeout=datetime.timedelta(seconds=timeout_s),
+                              wait_for_workers=False)
         ctx = mp.get_context("spawn")
         gpus = cuda_devices or [None] * num_workers
-        self.procs = [ctx.Process(target=_serve, args=(r, world, port, make_engine, timeout_s, bucket_bytes,
+        self.procs = [ctx.Process(target=_serve, args=(r, world, store.port, make_engine, timeout_s, bucket_bytes,
                                                        gpus[r - 1]), daemon=True) for r in range(1, world)]
         for p in self.procs:
             p.start()
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=world,
-                                timeout=datetime.timedelta(seconds=timeout_s))
+        self.group = WeightGroup.create(0, world, port=store.port, timeout_s=timeout_s, store=store)
         self.num_workers = num_workers
         self.weight_version = 0
-        self._sync = CheckpointEngine(src=0, bucket_bytes=bucket_bytes, device="cpu")
+        self._sync = CheckpointEngine(self.group, src=0, bucket_bytes=bucket_bytes, device="cpu")
         self._closed = False
 
     def _call(self, per_worker: list[tuple[Any, ...]]) -> list[Any]:
@@ -103,7 +110,7 @@ class RemoteEngine:
             raise RuntimeError("RemoteEngine: closed")
         try:
             for w, cmd in enumerate(per_worker):
-                dist.send_object_list([cmd], dst=w + 1)
+                self.group.send_object(cmd, w + 1)
         except Exception as e:
             raise self._failed(per_worker[0][0], e) from e
         return self._collect(per_worker[0][0])
@@ -113,9 +120,7 @@ class RemoteEngine:
         replies = []
         try:
             for w in range(self.num_workers):
-                box: list[Any] = [None]
-                dist.recv_object_list(box, src=w + 1)
-                replies.append(box[0])
+                replies.append(self.group.recv_object(w + 1))
         except Exception as e:
             raise self._failed(what, e) from e
         for w, r in enumerate(replies):
@@ -141,14 +146,29 @@ class RemoteEngine:
         return [c for chunk in self._call(cmds) for c in chunk]
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """One checkpoint-engine version to every worker; each applies it whole or not at all."""
+        """One checkpoint-engine version to every worker; all of them apply it or none does.
+
+        The tensors are taken one at a time into host memory (an iterator may gather each lazily). A tensor
+        of a dtype the engines do not take (int, float64) is a ValueError before any worker is involved; a
+        version a worker's engine would refuse (unknown name, shape, a missing tensor) is a
+        :class:`~k15sys.weights.WeightSyncError` naming the worker, and no worker applies it.
+        """
         if self._closed:
             raise RuntimeError("RemoteEngine: closed")
+        host = {n: t.detach().cpu().contiguous() for n, t in check_weights(named_tensors, what="named_tensors")}
         version = self.weight_version + 1
         for w in range(self.num_workers):
-            dist.send_object_list([("weights", version)], dst=w + 1)
-        self._sync.update(version, named_tensors={n: t.detach().cpu().contiguous() for n, t in named_tensors})
-        self.weight_version = version  # the workers' versions advance even when a load is refused
+            self.group.send_object(("weights", version), w + 1)
+        try:
+            self._sync.update(version, named_tensors=host)
+        except WeightSyncError as e:  # every worker raised it too: take their replies, then report it
+            try:
+                self._collect("update_weights")
+            except RuntimeError:
+                pass
+            raise e
+        finally:
+            self.weight_version = version  # the version number is used up, applied or not
         self._collect("update_weights")
 
     def sleep(self) -> None:
@@ -165,11 +185,11 @@ class RemoteEngine:
         for w, p in enumerate(self.procs):
             if p.is_alive():
                 try:
-                    dist.send_object_list([("close",)], dst=w + 1)
+                    self.group.send_object(("close",), w + 1)
                 except Exception:  # a dead worker: nothing to tell
                     pass
         for p in self.procs:
             p.join(30)
             if p.is_alive():
                 p.kill()
-        dist.destroy_process_group()
+        self.group.close()

@@ -57,13 +57,14 @@ class WeightGroup:
     # ------------------------------------------------------------------ construction
     @classmethod
     def create(cls, rank: int, size: int, *, port: int, host: str = "127.0.0.1", backend: str = "gloo",
-               timeout_s: float = 300.0, store: Any = None) -> "WeightGroup":
+               timeout_s: float = 300.0, join_timeout_s: float | None = None, store: Any = None) -> "WeightGroup":
         """Join (rank 0: host) the rendezvous at ``host:port`` and build a ``backend`` group of ``size`` ranks.
 
         Independent of ``torch.distributed``'s default group: it may or may not exist in this process.
         ``store``: rank 0 may pass a ``TCPStore`` it already opened (``is_master=True``, e.g. on port 0 to let
         the OS choose a port it then hands to the other ranks); the others connect to ``host:port``.
-        Blocks until every rank has joined (at most ``timeout_s``).
+        Blocks until every rank has joined (at most ``join_timeout_s``, default ``max(timeout_s, 120)``:
+        freshly spawned processes take a while to import torch); ``timeout_s`` bounds every call after that.
         """
         if not isinstance(size, int) or size < 2:
             raise ValueError(f"size: a weight group needs at least 2 ranks, got {size!r}")
@@ -72,22 +73,26 @@ class WeightGroup:
         if backend not in ("gloo", "nccl"):
             raise ValueError(f"backend: expected 'gloo' or 'nccl', got {backend!r}")
         timeout = _timeout(timeout_s)
+        join = _timeout(max(timeout_s, 120.0) if join_timeout_s is None else join_timeout_s)
         if store is None:
-            store = dist.TCPStore(host, port, size, is_master=rank == 0, timeout=timeout, wait_for_workers=False)
+            store = dist.TCPStore(host, port, size, is_master=rank == 0, timeout=join, wait_for_workers=False)
         elif rank != 0:
             raise ValueError("store: only rank 0 (the store's host) may pass its own store")
+        store.set_timeout(join)
         prefixed = dist.PrefixStore("k15sys-weights/", store)
         if backend == "gloo":
             opts = dist.ProcessGroupGloo._Options()
-            opts._timeout = timeout
+            opts._timeout = join
             opts._devices = [dist.ProcessGroupGloo.create_device(hostname=host)]
-            pg = dist.ProcessGroupGloo(prefixed, rank, size, opts)
+            pg = dist.ProcessGroupGloo(prefixed, rank, size, opts)  # connects to every peer
             device = torch.device("cpu")
         else:
             opts = dist.ProcessGroupNCCL.Options()
-            opts._timeout = timeout
-            pg = dist.ProcessGroupNCCL(prefixed, rank, size, opts)
+            opts._timeout = join
+            pg = dist.ProcessGroupNCCL(prefixed, rank, size, opts)  # connects lazily, at the first collective
             device = torch.device("cuda", torch.cuda.current_device())
+        pg.set_timeout(timeout)
+        store.set_timeout(timeout)
         return cls(pg, rank, size, backend, device, timeout, store=store)
 
     @classmethod
