@@ -59,9 +59,10 @@ def container_processes(sb: Sandbox) -> dict[int, list[tuple[int, str, str]]]:
 
 
 def assert_idle(sb: Sandbox) -> None:
-    """Every container holds exactly its idle processes: bubblewrap, the zygote and (once it has run a
-    job) the one pre-started nested sandbox waiting for the next step; nothing else, no zombie."""
+    """Every container holds exactly its idle processes: bubblewrap, the zygote, its template and (once
+    it has run a job) the one pre-started nested sandbox waiting for the next step; nothing else, no
+    zombie."""
     for root, procs in container_processes(sb).items():
         names = sorted(name for _, _, name in procs)
-        assert len(procs) in (2, 3) and all(state in "S" for _, state, _ in procs), (root, procs)
+        assert len(procs) in (3, 4) and all(state in "S" for _, state, _ in procs), (root, procs)
         assert names.count("bwrap") == 1, (root, procs)

@@ -92,5 +92,8 @@ def test_bad_input(sb):
     with pytest.raises(ValueError, match="timeout_s"):
         code_reward("print(1)", ["assert True"], timeout_s=0, sandbox=sb)
     assert code_reward("", ["assert True"], sandbox=sb) == 0.0
-    assert code_reward("print(1)", [{"input": "", "output": "1"}], language="cobol", sandbox=sb) == 0.0
+    with pytest.raises(ValueError, match="language: unknown 'cobol'"):
+        code_reward("print(1)", [{"input": "", "output": "1"}], language="cobol", sandbox=sb)
+    with pytest.raises(ValueError, match="language: unknown 'rust'"):  # the language, not the tests (issue 23)
+        code_reward("fn add() {}", ["assert add(1, 2) == 3"], language="rust", sandbox=sb)
     assert code_reward("import sys\nsys.stdout.buffer.write(b'\\xff')", [{"input": "", "output": "x"}], sandbox=sb) == 0.0

@@ -4,6 +4,8 @@
 statements (function tests: each runs after the program, in its own execution) or
 ``{"input": ..., "output": ...}`` pairs (stdin/stdout, compared whitespace-tolerantly or by a checker).
 A test that crashes, loops or exceeds a limit fails within its limit; nothing the program does raises.
+An assert test passes only when the sandbox's judge ran it to completion in its own process, on plain
+values the program returned (a program that exits early, fakes ``__eq__`` or reads its tests fails).
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import math
 import threading
 from collections.abc import Mapping, Sequence
 
-from k15sys.sandbox import Limits, RunResult, Sandbox, TestCase
+from k15sys.sandbox import LANGUAGES, Limits, RunResult, Sandbox, TestCase
 from k15sys.sandbox.runner import Checker
 
 Test = str | Mapping[str, str]
@@ -31,7 +33,10 @@ def default_sandbox() -> Sandbox:
 
 
 def to_test_cases(tests: Sequence[Test], language: str) -> list[TestCase]:
-    """Assert statements -> Python suffixes; {"input", "output"} -> stdin + expected stdout."""
+    """Assert statements -> judged Python tests (``TestCase.suffix``); {"input", "output"} -> stdin +
+    expected stdout, compared by the caller's process."""
+    if not isinstance(language, str) or language not in LANGUAGES:
+        raise ValueError(f"language: unknown {language!r}; supported: {', '.join(LANGUAGES)}")
     if isinstance(tests, (str, bytes)) or not isinstance(tests, Sequence) or len(tests) == 0:
         raise ValueError(f"tests: expected a non-empty list of tests, got {tests!r:.80}")
     cases = []
@@ -39,7 +44,9 @@ def to_test_cases(tests: Sequence[Test], language: str) -> list[TestCase]:
         if isinstance(t, str):
             if language != "python":
                 raise ValueError(f"tests[{i}]: assert tests need language='python', got {language!r}")
-            cases.append(TestCase(suffix="\n\n" + t + "\n"))
+            if not t.strip():
+                raise ValueError(f"tests[{i}]: empty assert test")
+            cases.append(TestCase(suffix=t))
         elif isinstance(t, Mapping) and "input" in t and "output" in t:
             cases.append(TestCase(stdin=str(t["input"]), expected=str(t["output"])))
         else:
@@ -64,9 +71,9 @@ def code_reward(program: str, tests: Sequence[Test], *, language: str = "python"
     """Fraction of ``tests`` passed by ``program``, in [0, 1] (paper 2.3.5).
 
     Args:
-        program: the policy's program (Python 3 or C++ source); empty or unknown-language programs score 0.
+        program: the policy's program (Python 3 or C++ source); an empty program scores 0.
         tests: assert statements (Python) or ``{"input": ..., "output": ...}`` stdin/stdout pairs.
-        language: "python" or "cpp".
+        language: "python" or "cpp" (anything else is a ValueError).
         timeout_s: wall-clock limit per test (CPU limit: the same, rounded up).
         sandbox: a :class:`Sandbox` to use (default: a shared one with 2 workers).
         checker: ``checker(input, expected, actual) -> bool`` instead of whitespace-tolerant equality.

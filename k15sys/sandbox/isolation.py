@@ -7,11 +7,13 @@ read-only ``/dev``; a small ``/job`` directory for the program's source and bina
 environment. When the host runs as root, the container runs as ``nobody``. Inside it,
 ``k15sys.sandbox.zygote`` waits for jobs and forks one nested sandbox per execution. The host talks
 to it over two pipes (4-byte length + JSON, never pickle) and kills the whole container when it does
-not answer in time. Where the host may create cgroups, the container also runs in its own memory +
-pids cgroup (``k15sys.sandbox.cgroup``).
+not answer in time. Where the host may create cgroups, the container also runs in its own cgroups,
+nested under the caller's, with a 1-CPU, memory-limited group for the running execution
+(``k15sys.sandbox.cgroup``).
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import select
@@ -30,6 +32,7 @@ NOBODY = 65534
 SANDBOX_PATH = "/usr/local/bin:/usr/bin:/bin"
 _MAX_REPLY = 256 << 20
 _ZYGOTE_SOURCE = (Path(__file__).with_name("zygote.py")).read_text()
+_serial = itertools.count()
 
 
 class SandboxUnavailable(RuntimeError):
@@ -41,8 +44,9 @@ def bwrap_path() -> str | None:
     return shutil.which("bwrap") or ("/usr/bin/bwrap" if os.path.exists("/usr/bin/bwrap") else None)
 
 
-def container_command(python: str) -> list[str]:
-    """The bubblewrap command line of one container running the zygote with interpreter ``python``."""
+def container_command(python: str, config: dict[str, Any]) -> list[str]:
+    """The bubblewrap command line of one container running the zygote with interpreter ``python``
+    (``config``: the zygote's settings, e.g. its request size limit and cgroup descriptors)."""
     bwrap = bwrap_path()
     if bwrap is None:
         raise SandboxUnavailable("bwrap (bubblewrap) is not installed; run scripts/install.sh as root")
@@ -54,41 +58,53 @@ def container_command(python: str) -> list[str]:
         "--tmpfs", "/tmp", "--tmpfs", "/job", "--remount-ro", "/",
         "--chdir", "/tmp", "--clearenv", "--setenv", "PATH", SANDBOX_PATH, "--setenv", "HOME", "/tmp",
         "--setenv", "LANG", "C.UTF-8", "--setenv", "TMPDIR", "/tmp", "--setenv", "PYTHONDONTWRITEBYTECODE", "1",
-        "--", python, "-I", "-c", _ZYGOTE_SOURCE,
+        "--", python, "-I", "-c", _ZYGOTE_SOURCE, json.dumps(config),
     ]
 
 
 class Container:
-    """A running container with its zygote. Not thread-safe: one job at a time (the pool ensures it)."""
+    """A running container with its zygote. Not thread-safe: one job at a time (the pool ensures it).
+
+    With ``cgroup_limits`` = (memory bytes, max processes) it runs in its own cgroups (best effort, see
+    ``k15sys.sandbox.cgroup``); ``cgroup_error`` says why not otherwise."""
 
     def __init__(self, python: str = "/usr/bin/python3", start_timeout_s: float = 30.0,
-                 cgroup_limits: tuple[int, int] | None = None) -> None:
+                 cgroup_limits: tuple[int, int] | None = None, max_request_bytes: int = 64 << 20) -> None:
         self.cgroup: Cgroup | None = None
         self.cgroup_error: str | None = None
         self._log = tempfile.TemporaryFile()
+        exec_fds: dict[str, Any] = {}
+        if cgroup_limits is not None:
+            try:
+                self.cgroup = Cgroup.create(f"{os.getpid()}-{next(_serial)}", *cgroup_limits)
+                exec_fds = self.cgroup.open_exec_fds()
+            except OSError as e:
+                self.cgroup_error = f"no cgroup ({type(e).__name__}: {e}); rlimits only"
+                if self.cgroup is not None:
+                    self.cgroup.remove()
+                self.cgroup = None
+        passed = [fd for v in exec_fds.values() for fd in (v if isinstance(v, list) else [v])]
+        config = {"max_request": max_request_bytes, "cgroup": exec_fds or None}
         root = os.getuid() == 0
-        self.proc = subprocess.Popen(
-            container_command(python), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log,
-            start_new_session=True, close_fds=True,
-            user=NOBODY if root else None, group=NOBODY if root else None, extra_groups=[] if root else None,
-        )
+        try:
+            self.proc = subprocess.Popen(
+                container_command(python, config), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log,
+                start_new_session=True, close_fds=True, pass_fds=passed,
+                user=NOBODY if root else None, group=NOBODY if root else None, extra_groups=[] if root else None,
+            )
+        finally:
+            for fd in passed:
+                os.close(fd)
         hello = self._receive(time.monotonic() + start_timeout_s)
         if not hello.get("ready"):
             self.kill()
             raise SandboxUnavailable(f"the zygote did not start: {hello!r:.300}")
         self.python_version = str(hello.get("python"))
-        if cgroup_limits is not None:
-            self._enter_cgroup(*cgroup_limits)
-
-    def _enter_cgroup(self, memory_bytes: int, pids_max: int) -> None:
-        """Best effort: bubblewrap, its init and the zygote (nothing else exists yet) join a new cgroup."""
-        try:
-            self.cgroup = Cgroup.create(f"{os.getpid()}-{self.proc.pid}", memory_bytes, pids_max)
-            for pid in tree(self.proc.pid):
-                self.cgroup.add(pid)
-        except OSError as e:
-            self.cgroup_error = f"no cgroup ({type(e).__name__}: {e}); rlimits only"
-            if self.cgroup is not None:
+        if self.cgroup is not None:
+            try:  # bubblewrap, its init, the zygote and the template: nothing else exists yet
+                for pid in tree(self.proc.pid):
+                    self.cgroup.add(pid)
+            except OSError as e:
                 self.kill()
                 raise SandboxUnavailable(f"cannot move the container into its cgroup: {e}") from e
 
@@ -96,11 +112,11 @@ class Container:
         """OOM kills in this container's cgroup so far (0 without a cgroup)."""
         return self.cgroup.oom_kills() if self.cgroup is not None else 0
 
-    def request(self, job: dict[str, Any], timeout_s: float) -> dict[str, Any]:
-        """Send one job; wait at most ``timeout_s`` for the answer, else kill the container and raise."""
-        data = json.dumps(job).encode()
+    def request(self, data: bytes, timeout_s: float) -> dict[str, Any]:
+        """Send one encoded job; wait at most ``timeout_s`` for the answer, else kill the container and raise."""
         try:
-            self.proc.stdin.write(struct.pack(">I", len(data)) + data)  # type: ignore[union-attr]
+            self.proc.stdin.write(struct.pack(">I", len(data)))  # type: ignore[union-attr]
+            self.proc.stdin.write(data)  # type: ignore[union-attr]
             self.proc.stdin.flush()  # type: ignore[union-attr]
         except OSError as e:
             self.kill()
@@ -170,7 +186,7 @@ class Container:
         if self.cgroup is not None:
             deadline = time.monotonic() + 5.0  # the kernel tears the pid namespace down asynchronously
             while time.monotonic() < deadline:
-                left = [int(p) for p in (self.cgroup.dirs[0] / "cgroup.procs").read_text().split()]
+                left = self.cgroup.pids()
                 if not left:
                     break
                 for pid in left:

@@ -5,12 +5,19 @@ that forks a fresh nested sandbox per execution, so an execution pays neither co
 interpreter start-up. ``run`` executes one program on one input; ``run_tests`` runs one program on
 many inputs (C++ compiled once); ``run_batch`` spreads many programs over the pool. Every call returns
 :class:`RunResult` objects with a :class:`Status`; nothing a program does raises in the caller.
+
+Verdicts come from what the sandbox observed, never from the program's output: exit status, limits
+the zygote enforced, OOM kills and CPU time of the execution's cgroup, and for assert tests the
+judge's verdict carrying this run's secret token (docs/sandbox.md, threat model).
 """
 from __future__ import annotations
 
+import base64
+import binascii
+import json
 import os
 import queue
-import signal
+import secrets
 import threading
 import weakref
 from collections.abc import Callable, Sequence
@@ -28,13 +35,13 @@ LANGUAGES: dict[str, dict[str, list[str] | None]] = {
     "cpp": {"compile": ["/usr/bin/g++", "-O2", "-std=c++17", "-pipe", "-o", "/job/main", "/job/main.cpp"],
             "run": ["/job/main"]},
 }
-_MEMORY_MARKERS = ("MemoryError", "std::bad_alloc", "Cannot allocate memory", "out of memory")
 
 
 @dataclass(frozen=True)
 class TestCase:
     """One execution of a program: its stdin, the expected stdout (None: do not compare), and for
-    Python a ``suffix`` of code appended to the program (assert tests)."""
+    Python a ``suffix``: assert-test code, run after the program's top level by the sandbox's judge
+    (another process) against the program's names; it passes only if it runs to completion."""
 
     __test__ = False  # not a pytest test class
 
@@ -56,7 +63,9 @@ class RunRequest:
 @dataclass
 class RunResult:
     """Outcome of one execution. ``stdout``/``stderr`` are decoded as UTF-8 with replacement
-    (``stdout_bytes`` keeps the raw bytes); ``exit_code`` is negative for a signal."""
+    (``stdout_bytes`` keeps the raw bytes); ``exit_code`` is negative for a signal; ``cpu_s`` is the
+    CPU time of the whole execution (every process, from its cgroup; without one, the waited-for
+    processes only)."""
 
     status: Status
     stdout: str = ""
@@ -64,6 +73,7 @@ class RunResult:
     exit_code: int | None = None
     wall_s: float = 0.0
     stdout_bytes: bytes = field(default=b"", repr=False)
+    cpu_s: float = 0.0
 
 
 def outputs_match(actual: str, expected: str) -> bool:
@@ -72,32 +82,57 @@ def outputs_match(actual: str, expected: str) -> bool:
 
 
 def classify(fact: dict[str, Any]) -> Status:
-    """The status of one execution from the zygote's facts (exit code, limit hit, stderr)."""
-    if fact.get("limit") == "timeout":
+    """The status of one execution from what the sandbox observed: the limit the zygote enforced,
+    OOM kills in the execution's cgroup (``oom_kills``), CPU time over the limit (``cpu_over``), the
+    exit status, and for an assert test (``token`` set) the judge's verdict carrying that token.
+    Nothing the program prints is read."""
+    if fact.get("limit") in ("timeout", "cpu"):
         return Status.TIMEOUT
     if fact.get("limit") == "output":
         return Status.OUTPUT_LIMIT
+    if fact.get("oom_kills"):
+        return Status.MEMORY
     code = fact.get("exit_code")
     if code is None:
         return Status.SANDBOX_ERROR
-    if code == 0:
-        return Status.OK
-    if code == -signal.SIGXCPU or (code == -signal.SIGKILL and fact.get("cpu_over", False)):
-        return Status.TIMEOUT  # RLIMIT_CPU: SIGXCPU at the soft limit, SIGKILL at the hard one
-    if any(m in fact.get("stderr", "") for m in _MEMORY_MARKERS):
-        return Status.MEMORY
-    return Status.RUNTIME_ERROR
+    if fact.get("cpu_over", False):
+        return Status.TIMEOUT  # RLIMIT_CPU (SIGXCPU, SIGKILL) after the CPU time was really spent
+    if code != 0:
+        return Status.RUNTIME_ERROR
+    if fact.get("token") is not None:
+        verdict = fact.get("verdict")
+        passed = isinstance(verdict, dict) and verdict.get("passed") is True and verdict.get("token") == fact["token"]
+        return Status.OK if passed else Status.RUNTIME_ERROR
+    return Status.OK
+
+
+def _cpu_over(fact: dict[str, Any], limits: Limits) -> bool:
+    """The execution spent its CPU time (within the accounting's granularity: a process's RLIMIT_CPU
+    and its cgroup's counter differ by a tick or two)."""
+    return float(fact.get("cpu_s", 0.0)) >= 0.95 * limits.cpu_s
+
+
+def _decoded(fact: dict[str, Any], key: str) -> bytes:
+    try:
+        return base64.b64decode(fact.get(key) or "", validate=True)
+    except (binascii.Error, ValueError):
+        return b""
 
 
 def _result(fact: dict[str, Any], status: Status | None = None) -> RunResult:
-    out = fact.get("stdout", "").encode("latin-1")
+    out = _decoded(fact, "stdout_b64")
+    err = _decoded(fact, "stderr_b64").decode("utf-8", "replace") or (fact.get("error") or "")
+    verdict = fact.get("verdict")
+    if fact.get("token") is not None and isinstance(verdict, dict) and verdict.get("message"):
+        err += ("\n" if err else "") + "test failed (judge): " + str(verdict["message"])
     return RunResult(
         status=status or classify(fact),
         stdout=out.decode("utf-8", "replace"),
-        stderr=fact.get("stderr", "").encode("latin-1").decode("utf-8", "replace") or (fact.get("error") or ""),
+        stderr=err,
         exit_code=fact.get("exit_code"),
         wall_s=float(fact.get("wall_s", 0.0)),
         stdout_bytes=out,
+        cpu_s=float(fact.get("cpu_s", 0.0)),
     )
 
 
@@ -126,14 +161,19 @@ class Sandbox:
         cgroup: put each container in its own memory + pids cgroup when the host allows it (root);
             ``cgroup_error`` says why not otherwise.
         container_memory_mb: memory of one container, all its processes together (default: twice the
-            largest per-process limit of ``limits`` / ``compile_limits`` + 256 MiB; raise it if calls pass
-            larger ``limits``).
+            largest limit of ``limits`` / ``compile_limits`` + 256 MiB; raise it if calls pass larger
+            ``limits``).
+        max_request_bytes: largest job sent to a container (program + stdins + tests, encoded); a larger
+            one is ``INVALID`` without reaching it.
     """
 
     def __init__(self, limits: Limits | None = None, *, workers: int = 2, compile_limits: Limits | None = None,
-                 python: str | None = None, cgroup: bool = True, container_memory_mb: int | None = None) -> None:
+                 python: str | None = None, cgroup: bool = True, container_memory_mb: int | None = None,
+                 max_request_bytes: int = 64 << 20) -> None:
         if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
             raise ValueError(f"workers: must be an int >= 1, got {workers!r}")
+        if isinstance(max_request_bytes, bool) or not isinstance(max_request_bytes, int) or max_request_bytes < 1024:
+            raise ValueError(f"max_request_bytes: must be an int >= 1024, got {max_request_bytes!r}")
         python = python or next((p for p in ("/usr/bin/python3", "/usr/local/bin/python3") if os.path.exists(p)),
                                 "/usr/bin/python3")
         if not python.startswith("/usr/"):
@@ -145,6 +185,7 @@ class Sandbox:
         self.python = python
         self.use_cgroup = cgroup
         self.container_memory_mb = container_memory_mb
+        self.max_request_bytes = max_request_bytes
         self.cgroup_error: str | None = None
         self._idle: queue.Queue[Container | None] = queue.Queue()
         self._threads = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="k15-sandbox")
@@ -160,7 +201,8 @@ class Sandbox:
         memory = (self.container_memory_mb or 2 * biggest.memory_mb + 256) << 20
         pids = 2 * max(self.limits.max_procs, self.compile_limits.max_procs) + 16
         try:
-            c = Container(self.python, cgroup_limits=(memory, pids) if self.use_cgroup else None)
+            c = Container(self.python, cgroup_limits=(memory, pids) if self.use_cgroup else None,
+                          max_request_bytes=self.max_request_bytes)
         except (SandboxUnavailable, OSError) as e:
             self.start_error = f"{type(e).__name__}: {e}"
             return None
@@ -186,13 +228,14 @@ class Sandbox:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _job(self, program: str, language: str, tests: Sequence[TestCase], limits: Limits) -> dict[str, Any]:
+    def _job(self, program: str, language: str, tests: Sequence[TestCase], tokens: Sequence[str | None],
+             limits: Limits) -> dict[str, Any]:
         spec = LANGUAGES[language]
         return {
             "language": language, "program": program, "compile": spec["compile"], "argv": spec["run"],
             "limits": asdict(limits), "compile_limits": asdict(self.compile_limits),
-            "runs": [{"stdin": t.stdin.encode("utf-8", "replace").decode("latin-1"), "suffix": t.suffix}
-                     for t in tests],
+            "runs": [{"stdin_b64": base64.b64encode(t.stdin.encode("utf-8", "replace")).decode("ascii"),
+                      "test": t.suffix if token else None, "token": token} for t, token in zip(tests, tokens)],
         }
 
     def _execute(self, program: str, language: str, tests: Sequence[TestCase], limits: Limits | None,
@@ -205,11 +248,22 @@ class Sandbox:
             return every(Status.INVALID, f"language: unknown {language!r}; supported: {', '.join(LANGUAGES)}")
         if not isinstance(program, str) or not program.strip():
             return every(Status.INVALID, "program: empty")
+        if language != "python" and any(t.suffix for t in tests):
+            return every(Status.INVALID, f"tests: assert tests (suffix) need language='python', got {language!r}")
+        size = len(program) + sum(len(t.stdin) + len(t.suffix) for t in tests)
+        if size > self.max_request_bytes:
+            return every(Status.INVALID, f"request: {size} characters of program and tests, over "
+                                         f"max_request_bytes={self.max_request_bytes}")
         if self._closed:
             return every(Status.SANDBOX_ERROR, "the sandbox is closed")
         compiler = LANGUAGES[language]["compile"]
         if compiler and not os.path.exists(compiler[0]):
             return every(Status.SANDBOX_ERROR, f"{compiler[0]} is not installed (scripts/debian-packages.txt)")
+        tokens = [secrets.token_hex(16) if t.suffix.strip() else None for t in tests]
+        data = json.dumps(self._job(program, language, tests, tokens, lim)).encode()
+        if len(data) > self.max_request_bytes:
+            return every(Status.INVALID, f"request: {len(data)} bytes encoded, over "
+                                         f"max_request_bytes={self.max_request_bytes}")
         container = self._idle.get()
         try:
             if container is None or not container.alive():
@@ -218,35 +272,33 @@ class Sandbox:
                 container = self._start_container()
                 if container is None:
                     return every(Status.SANDBOX_ERROR, f"the sandbox cannot start: {self.start_error}")
-            compile_s = self.compile_limits.wall_s if LANGUAGES[language]["compile"] else 0.0
+            compile_s = self.compile_limits.wall_s if compiler else 0.0
             budget = compile_s + len(tests) * (lim.wall_s + 1.0) + 10.0
-            ooms = container.oom_kills()
             try:
-                reply = container.request(self._job(program, language, tests, lim), budget)
+                reply = container.request(data, budget)
             except SandboxUnavailable as e:
                 self._forget(container)
                 container = None
                 return every(Status.SANDBOX_ERROR, str(e))
-            out_of_memory = container.oom_kills() > ooms
         finally:
             self._idle.put(container)
+        del data
         if "error" in reply:
             return every(Status.SANDBOX_ERROR, str(reply["error"]))
         facts = list(reply.get("results", []))
-        if LANGUAGES[language]["compile"]:
+        if compiler:
             compiled = facts.pop(0)
+            compiled["cpu_over"] = _cpu_over(compiled, self.compile_limits)
             if classify(compiled) != Status.OK:
                 r = _result(compiled, Status.COMPILE_ERROR)
                 return [RunResult(Status.COMPILE_ERROR, stderr=r.stderr, exit_code=r.exit_code, wall_s=r.wall_s)
                         for _ in tests]
         if len(facts) != len(tests):
             return every(Status.SANDBOX_ERROR, f"the container answered {len(facts)} results for {len(tests)} tests")
-        results = [_judge(_result(f), t, checker) for f, t in zip(facts, tests)]
-        if out_of_memory:  # the container's cgroup ran out: the killed executions failed for memory
-            for r in results:
-                if r.status in (Status.RUNTIME_ERROR, Status.SANDBOX_ERROR):
-                    r.status = Status.MEMORY
-        return results
+        for fact, token in zip(facts, tokens):
+            fact["token"] = token  # the parent's copy: the verdict must carry it
+            fact["cpu_over"] = _cpu_over(fact, lim)
+        return [_judge(_result(f), t, checker) for f, t in zip(facts, tests)]
 
     def _forget(self, container: Container) -> None:
         container.kill()

@@ -1,35 +1,48 @@
 """The zygote: a pre-started Python process inside each sandbox container (paper 2.6.4).
 
-Runs as ``python3 -I -c <this source>``, pid 1 of a bubblewrap container (standard library only: it
-never imports k15sys). It reads jobs from fd 0 and answers on fd 1 (4-byte big-endian length + JSON).
-A job is one program (``language``, ``program``) and a list of runs (``stdin``, ``suffix`` appended to
-a Python program, e.g. assert tests); C++ is compiled once first.
+Runs as ``python3 -I -c <this source> <config JSON>``, pid 1 of a bubblewrap container (standard
+library only: it never imports k15sys). It reads jobs from fd 0 and answers on fd 1 (4-byte big-endian
+length + JSON; program outputs and stdin travel base64-encoded). A job is one program and a list of
+runs (``stdin``; for Python assert tests, the ``test`` code and a per-run ``token``); C++ is compiled
+once first.
 
-Every step runs in a fresh nested sandbox, prepared ahead of time, so nothing survives from one
-execution to the next:
+Every step runs in a fresh nested sandbox, so nothing survives from one execution to the next, and
+nothing of any job reaches an execution's memory:
 
     zygote (pid 1 of the container, subreaper, not dumpable)
-      └─ A: setsid; unshare(user, pid, mount, ipc); maps its own uid; forks B, reports B's pid, exits
-         └─ B: pid 1 of the new pid namespace; mounts a fresh /proc; waits for the step; then a sized
-            │  tmpfs on /tmp and /dev/shm, /job (source, binary) re-bound read-only for runs
-            └─ C: drops every capability, sets rlimits, stdin/stdout/stderr, cwd /tmp; then executes
-               the Python program in this pre-initialised interpreter (no interpreter start-up) or
-               execve's the compiled binary / the compiler. B reports C's wait status on a pipe.
+      ├─ F, the template: forked at start-up, before any job is read; it never sees job data and
+      │  forks one chain per request (its pipes go to the zygote over a unix socket)
+      │  └─ A: setsid; unshare(user, pid, mount, ipc); maps its own uid; forks B, reports B, exits
+      └─ B (reparented to the zygote): pid 1 of the new pid namespace; fresh /proc; waits for the
+         │  step (argv and limits only); then a sized tmpfs on /tmp and /dev/shm, /job read-only
+         ├─ D, the judge (assert tests only): no capability, not dumpable, outside the execution's
+         │  cgroup; receives the test code and the token from the zygote on its own pipe, runs the
+         │  test against the program over a socket (plain data only) and sends the verdict with the
+         │  token on a pipe only it holds
+         └─ C: joins the execution's cgroup (1-CPU quota, memory limit), drops every capability,
+            sets rlimits, stdin/stdout/stderr, cwd /tmp; runs the Python program in this
+            pre-initialised interpreter (then serves D's calls) or execve's the binary / compiler.
+            B reports C's wait status on a pipe.
 
-The zygote enforces wall time and output size and kills B at the limit: the kernel then kills every
-process in B's pid namespace (daemons, zombies, threads). Programs cannot see or signal the zygote
-(separate pid namespace, own session), cannot open its or B's descriptors through /proc (not
-dumpable, no capabilities), and inherit none of their descriptors.
+The zygote enforces wall time, output size and (with cgroups) the CPU time of the whole execution,
+read from its cgroup, and kills B at a limit: the kernel then kills every process in B's pid namespace.
+Programs cannot see or signal the zygote (separate pid namespace, own session), cannot open its, B's
+or D's descriptors through /proc (not dumpable, no capabilities), and inherit none of their descriptors.
 """
+import base64
+import builtins
 import ctypes
 import gc
 import json
 import os
+import re
 import select
 import signal
+import socket
 import struct
 import sys
 import time
+import types
 
 LIBC = ctypes.CDLL(None, use_errno=True)
 CLONE_NEWNS, CLONE_NEWIPC, CLONE_NEWUSER, CLONE_NEWPID = 0x20000, 0x08000000, 0x10000000, 0x20000000
@@ -40,6 +53,10 @@ PRELOAD = ("collections", "itertools", "functools", "math", "re", "heapq", "bise
            "random", "fractions", "decimal", "threading", "traceback", "io", "atexit", "builtins", "types",
            "resource")
 JOB_DIR = "/job"
+RPC_FD = 3             # the program's end of the judge's socket
+MAX_MESSAGE = 16 << 20  # one value between the program and its judge
+MAX_DEPTH = 200         # nesting of such a value
+CHAIN_FDS = ("go", "out", "err", "status", "judge", "verdict")  # zygote-side ends, in this order
 
 
 def _check(ret, what):
@@ -62,18 +79,266 @@ def _drop_capabilities():
     _check(LIBC.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no_new_privs")
 
 
-def _set_limits(lim):
+def _set_limits(lim, address_space_mb):
     import resource
 
     mib = 1 << 20
     for res, value in ((resource.RLIMIT_CPU, (lim["cpu_s"], lim["cpu_s"] + 1)),
-                       (resource.RLIMIT_AS, (lim["memory_mb"] * mib,) * 2),
+                       (resource.RLIMIT_AS, (address_space_mb * mib,) * 2),
                        (resource.RLIMIT_FSIZE, (lim["file_size_mb"] * mib,) * 2),
                        (resource.RLIMIT_NOFILE, (lim["open_files"],) * 2),
                        (resource.RLIMIT_NPROC, (lim["max_procs"],) * 2),
                        (resource.RLIMIT_CORE, (0, 0))):
         resource.setrlimit(res, value)
 
+
+def _close_all_but(keep):
+    """Close every descriptor >= 3 except ``keep``."""
+    low = 3
+    for fd in sorted(set(k for k in keep if k >= 3)) + [1 << 16]:
+        os.closerange(low, fd)
+        low = fd + 1
+
+
+def _read_all(fd, limit=None):
+    chunks, total = [], 0
+    while True:
+        data = os.read(fd, 1 << 16)
+        if not data:
+            return b"".join(chunks)
+        total += len(data)
+        if limit is None or total <= limit:
+            chunks.append(data)
+
+
+def _read_exact(fd, n):
+    """``n`` bytes from ``fd`` into one preallocated buffer (linear time), or None at end of input."""
+    buf = bytearray(n)
+    view, pos = memoryview(buf), 0
+    while pos < n:
+        got = os.readv(fd, [view[pos:]])
+        if not got:
+            return None
+        pos += got
+    return bytes(buf)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Plain data between the program (C) and its judge (D): None, bool, int, float, str, bytes, list, tuple,
+# dict, set, frozenset, checked recursively; anything else the program returns stays in C and D gets a
+# handle to it. JSON with tagged containers: never pickle, never code.
+
+def _encode(value, handles=None, depth=0):
+    """In C (``handles`` = its table: non-plain objects become handles) or in D (``handles`` None: only
+    plain data and D's handles to C's objects may be sent)."""
+    if depth > MAX_DEPTH:
+        raise ValueError("value nested deeper than %d" % MAX_DEPTH)
+    t = type(value)
+    if value is None or t is bool or t is int or t is float or t is str:
+        return value
+    if isinstance(value, Remote):
+        return {"h": object.__getattribute__(value, "_id")}
+    if handles is None and t not in (bytes, list, tuple, dict, set, frozenset):
+        raise TypeError("cannot pass a %s to the program (plain data only)" % t.__name__)
+    # in C, subclasses of plain types are read as their plain value (the program controls them anyway)
+    if isinstance(value, bool):
+        return bool(value)
+    if isinstance(value, int):
+        return int.__int__(value)
+    if isinstance(value, float):
+        return float.__float__(value)
+    if isinstance(value, str):
+        return str.__str__(value)
+    if isinstance(value, (bytes, bytearray)):
+        return {"b": base64.b64encode(bytes(value)).decode("ascii")}
+    nested = lambda items: [_encode(v, handles, depth + 1) for v in items]  # noqa: E731
+    if isinstance(value, list):
+        return nested(list.__iter__(value))
+    if isinstance(value, tuple):
+        return {"t": nested(tuple.__iter__(value))}
+    if isinstance(value, frozenset):
+        return {"f": nested(frozenset.__iter__(value))}
+    if isinstance(value, set):
+        return {"s": nested(set.__iter__(value))}
+    if isinstance(value, dict):
+        return {"d": [[_encode(k, handles, depth + 1), _encode(v, handles, depth + 1)]
+                      for k, v in dict.items(value)]}
+    handles[len(handles) + 1] = value
+    return {"h": len(handles)}
+
+
+def _decode(obj, resolve, depth=0):
+    """Rebuild plain data from ``_encode``'s form; ``resolve(id)`` turns a handle into an object."""
+    if depth > MAX_DEPTH:
+        raise ValueError("value nested deeper than %d" % MAX_DEPTH)
+    t = type(obj)
+    if obj is None or t is bool or t is int or t is float or t is str:
+        return obj
+    if t is list:
+        return [_decode(v, resolve, depth + 1) for v in obj]
+    if t is dict and len(obj) == 1:
+        (tag, body), = obj.items()
+        if tag == "h" and type(body) is int:
+            return resolve(body)
+        if tag == "b" and type(body) is str:
+            return base64.b64decode(body, validate=True)
+        if type(body) is list:
+            if tag == "t":
+                return tuple(_decode(v, resolve, depth + 1) for v in body)
+            if tag == "s":
+                return set(_decode(v, resolve, depth + 1) for v in body)
+            if tag == "f":
+                return frozenset(_decode(v, resolve, depth + 1) for v in body)
+            if tag == "d":
+                return {_decode(k, resolve, depth + 1): _decode(v, resolve, depth + 1) for k, v in body}
+    raise ValueError("not plain data: %r" % (obj,))
+
+
+class Channel:
+    """Length-prefixed JSON messages on a stream socket, bounded in size."""
+
+    def __init__(self, sock):
+        self.sock = sock
+
+    def send(self, obj):
+        data = json.dumps(obj).encode()
+        if len(data) > MAX_MESSAGE:
+            raise ValueError("message of %d bytes (limit %d)" % (len(data), MAX_MESSAGE))
+        self.sock.sendall(struct.pack(">I", len(data)) + data)
+
+    def recv(self):
+        head = self._exact(4)
+        if head is None:
+            return None
+        size = struct.unpack(">I", head)[0]
+        if size > MAX_MESSAGE:
+            raise ValueError("message of %d bytes (limit %d)" % (size, MAX_MESSAGE))
+        data = self._exact(size)
+        return None if data is None else json.loads(data)
+
+    def _exact(self, n):
+        buf = bytearray(n)
+        view, pos = memoryview(buf), 0
+        while pos < n:
+            got = self.sock.recv_into(view[pos:])
+            if not got:
+                return None
+            pos += got
+        return bytes(buf)
+
+
+# ---------------------------------------------------------------------------------------------------
+# D, the judge: runs the test code against proxies of the program's names.
+
+class ProgramGone(BaseException):
+    """The program exited or died during a call: the test cannot pass (not an ``Exception``, so a test's
+    ``except Exception`` does not swallow it)."""
+
+
+class Remote:
+    """D's handle to an object that stays in the program's process; every use is a call over the socket."""
+
+    __slots__ = ("_id",)
+    channel = None  # set by the judge
+
+    def __init__(self, ident):
+        object.__setattr__(self, "_id", ident)
+
+    def _ask(self, op, **extra):
+        extra.update(op=op, h=object.__getattribute__(self, "_id"))
+        Remote.channel.send(extra)
+        reply = Remote.channel.recv()
+        if reply is None:
+            raise ProgramGone("the program exited during the test")
+        if "v" in reply:
+            return _decode(reply["v"], Remote)
+        if "e" in reply:
+            name, message = reply["e"]
+            kind = getattr(builtins, str(name), None)
+            if isinstance(kind, type) and issubclass(kind, Exception):
+                raise kind(message)
+            raise RuntimeError("the program raised %s: %s" % (name, message))
+        raise ProgramGone("the program exited (%s) during the test" % reply.get("x"))
+
+    def __call__(self, *args, **kwargs):
+        return self._ask("call", a=_encode(list(args)), k=_encode(kwargs))
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return self._ask("getattr", n=name)
+
+    def __iter__(self):
+        return iter(self._ask("list"))
+
+    def __len__(self):
+        return self._ask("len")
+
+    def __getitem__(self, key):
+        return self._ask("getitem", i=_encode(key))
+
+    def __contains__(self, item):
+        return self._ask("contains", i=_encode(item))
+
+    def __str__(self):
+        return self._ask("str")
+
+    def __bool__(self):
+        return self._ask("bool")
+
+    def __repr__(self):
+        return "<object #%d of the program>" % object.__getattribute__(self, "_id")
+
+
+def _judge(test, sock):
+    """Run the test code against the program; returns (passed, message)."""
+    import importlib
+    import traceback
+
+    Remote.channel = channel = Channel(sock)
+    try:
+        hello = channel.recv()
+        if hello is None:
+            return False, "the program exited before its tests ran"
+        if not hello.get("ok"):
+            return False, str(hello.get("why"))[:2000]
+        namespace = {"__name__": "__main__", "__builtins__": builtins}
+        for name, entry in hello["names"].items():
+            if "m" in entry:  # a module: the judge's own copy
+                try:
+                    namespace[name] = importlib.import_module(entry["m"])
+                except Exception:
+                    pass
+            else:
+                namespace[name] = _decode(entry["v"], Remote)
+        exec(compile(test, "<test>", "exec"), namespace)
+        return True, ""
+    except BaseException as e:
+        lines = traceback.format_exception(type(e), e, e.__traceback__)
+        return False, "".join(lines[-6:])[-4000:]
+
+
+def _run_judge(step, fds, sock):
+    """D: never returns."""
+    try:
+        _close_all_but([fds["judge"], fds["verdict"], sock.fileno()])
+        null = os.open("/dev/null", os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(null, fd)
+        os.chdir("/")
+        _drop_capabilities()
+        _set_limits(step["limits"], step["address_space_mb"])
+        payload = json.loads(_read_all(fds["judge"], MAX_MESSAGE))
+        passed, message = _judge(payload["test"], sock)
+        verdict = {"token": payload["token"], "passed": passed, "message": message}
+        os.write(fds["verdict"], json.dumps(verdict).encode())
+    except BaseException:
+        pass
+    os._exit(0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# C, the program.
 
 def _exit_code_of(exc):
     """Python's own rule for ``SystemExit(code)``."""
@@ -89,13 +354,72 @@ def _exit_code_of(exc):
     return 1
 
 
-def _run_python(path):
-    """In C: run the program as ``__main__`` the way ``python3 path`` would, then exit the process."""
+def _apply(request, handles):
+    """One call of the judge on the program's objects (in C)."""
+    resolve = handles.__getitem__
+    target = resolve(request["h"])
+    op = request["op"]
+    if op == "call":
+        args = _decode(request["a"], resolve)
+        kwargs = _decode(request["k"], resolve)
+        return target(*args, **kwargs)
+    if op == "getattr":
+        return getattr(target, request["n"])
+    if op == "list":
+        return list(target)
+    if op == "len":
+        return len(target)
+    if op == "getitem":
+        return target[_decode(request["i"], resolve)]
+    if op == "contains":
+        return _decode(request["i"], resolve) in target
+    if op == "str":
+        return str(target)
+    if op == "bool":
+        return bool(target)
+    raise ValueError("unknown operation %r" % (op,))
+
+
+def _serve(namespace, failure):
+    """After the program's top level: answer the judge's calls until it closes the socket."""
+    channel = Channel(socket.socket(fileno=RPC_FD))
+    if failure:
+        channel.send({"ok": False, "why": failure})
+        return
+    handles = {}
+    names = {}
+    for name, value in list(namespace.items()):
+        if name.startswith("__"):
+            continue
+        if isinstance(value, types.ModuleType):
+            names[name] = {"m": str(value.__name__)}
+            continue
+        try:
+            names[name] = {"v": _encode(value, handles)}
+        except (ValueError, RecursionError):
+            handles[len(handles) + 1] = value
+            names[name] = {"v": {"h": len(handles)}}
+    channel.send({"ok": True, "names": names})
+    while True:
+        request = channel.recv()
+        if request is None:
+            return
+        try:
+            reply = {"v": _encode(_apply(request, handles), handles)}
+        except Exception as e:
+            reply = {"e": [type(e).__name__, str(e)[:2000]]}
+        except BaseException as e:  # SystemExit, KeyboardInterrupt inside a tested function
+            reply = {"x": type(e).__name__}
+        channel.send(reply)
+
+
+def _run_python(path, judged):
+    """In C: run the program as ``__main__`` the way ``python3 path`` would (then, for assert tests,
+    serve the judge), then exit the process."""
     import atexit
     import io
     import threading
     import traceback
-    import types
 
     sys.stdin = sys.__stdin__ = io.TextIOWrapper(io.BufferedReader(io.FileIO(0, "r", closefd=False)), encoding="utf-8")
     sys.stdout = sys.__stdout__ = io.TextIOWrapper(io.BufferedWriter(io.FileIO(1, "w", closefd=False)),
@@ -106,16 +430,23 @@ def _run_python(path):
     main = types.ModuleType("__main__")
     main.__file__ = path
     sys.modules["__main__"] = main
-    code = 0
+    code, failure = 0, None
     try:
         with open(path, "rb") as f:
             source = f.read()
         exec(compile(source, path, "exec"), main.__dict__)
     except SystemExit as e:
         code = _exit_code_of(e)
+        failure = "the program exited (SystemExit) before its tests ran"
     except BaseException as e:  # the program's error: print its traceback without this frame
         traceback.print_exception(type(e), e, e.__traceback__.tb_next)
         code = 1
+        failure = "the program raised %s before its tests ran" % type(e).__name__
+    if judged:
+        try:
+            _serve(main.__dict__, failure)
+        except BaseException:
+            code = code or 1
     try:
         threading._shutdown()  # join non-daemon threads, as interpreter exit does
         atexit._run_exitfuncs()
@@ -131,21 +462,23 @@ def _run_python(path):
     os._exit(code)
 
 
-def _child(step, fds):
+def _child(step, fds, rpc):
     """C: the program itself. Never returns."""
     try:
         _drop_capabilities()
-        _set_limits(step["limits"])
+        _set_limits(step["limits"], step["address_space_mb"])
         stdin = os.open(os.path.join(JOB_DIR, "stdin"), os.O_RDONLY)
         os.dup2(stdin, 0)
         os.dup2(fds["out"], 1)
         os.dup2(fds["err"], 2)
+        if rpc is not None:
+            os.dup2(rpc.fileno(), RPC_FD)
         for fd in (0, 1, 2):
             os.set_inheritable(fd, True)
-        os.closerange(3, 1 << 16)
+        os.closerange(RPC_FD + 1 if rpc is not None else 3, 1 << 16)
         os.chdir("/tmp")
         if step["argv"] == ["python"]:
-            _run_python(os.path.join(JOB_DIR, "main.py"))
+            _run_python(os.path.join(JOB_DIR, "main.py"), rpc is not None)
         for sig in (signal.SIGPIPE, signal.SIGXFSZ):
             signal.signal(sig, signal.SIG_DFL)
         os.execv(step["argv"][0], step["argv"])
@@ -156,6 +489,9 @@ def _child(step, fds):
             pass
     os._exit(127)
 
+
+# ---------------------------------------------------------------------------------------------------
+# A and B: the nested sandbox of one execution.
 
 def _enter_namespaces():
     """In A: new user, pid, mount and ipc namespaces, with our own uid and gid mapped."""
@@ -181,34 +517,41 @@ def _fresh_mounts(step):
         _mount(None, JOB_DIR, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV)
 
 
-def _read_all(fd):
-    chunks = []
-    while True:
-        data = os.read(fd, 1 << 16)
-        if not data:
-            return b"".join(chunks)
-        chunks.append(data)
-
-
 def _init(fds):
     """B: pid 1 of the execution's pid namespace, started ahead of time. Never returns."""
     try:
+        # An init gets only the signals it handles: with default dispositions, nothing the program
+        # sends from inside (SIGINT, SIGTERM, ...) reaches this process.
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_DFL)
         _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
         request = _read_all(fds["go"])  # blocks until the zygote has a step (or closes: no step)
         if not request:
             os._exit(0)
         step = json.loads(request)
         _fresh_mounts(step)
+        judge, rpc = None, None
+        if step["judged"]:
+            rpc, theirs = socket.socketpair()
+            judge = os.fork()
+            if judge == 0:
+                rpc.close()
+                _run_judge(step, fds, theirs)
+            theirs.close()
         c = os.fork()
         if c == 0:
-            _child(step, fds)
-        for fd in (fds["out"], fds["err"]):
+            _child(step, fds, rpc)
+        for fd in (fds["out"], fds["err"], fds["judge"], fds["verdict"]):
             os.close(fd)
-        while True:
-            pid, status = os.wait()
+        if rpc is not None:
+            rpc.close()
+        waiting, status = {c} | ({judge} if judge else set()), None
+        while waiting:
+            pid, st = os.wait()
             if pid == c:
-                os.write(fds["status"], b"status %d\n" % status)
-                break
+                status = st
+            waiting.discard(pid)
+        os.write(fds["status"], b"status %d\n" % status)
     except BaseException as e:
         os.write(fds["status"], ("error init: %r\n" % (e,)).encode())
     os._exit(0)
@@ -217,7 +560,7 @@ def _init(fds):
 def _launch(fds):
     """A: enter new namespaces, start B, report B's pid. Never returns."""
     try:
-        os.closerange(0, 3)
+        _close_all_but(list(fds.values()))
         os.setsid()  # out of the zygote's session and process group: kill(0, ...) cannot reach it
         _enter_namespaces()
         b = os.fork()
@@ -229,22 +572,72 @@ def _launch(fds):
     os._exit(0)
 
 
-class Chain:
-    """A nested sandbox prepared ahead of time: B waits in its namespaces for one step."""
-
-    def __init__(self):
-        go_r, self.go = os.pipe()
-        self.out, out_w = os.pipe()
-        self.err, err_w = os.pipe()
-        self.status, st_w = os.pipe()
-        a = os.fork()
-        if a == 0:
-            for fd in (self.go, self.out, self.err, self.status):
+def _template(sock):
+    """F: forks one nested sandbox per request from a state that never held any job. Never returns."""
+    try:
+        null = os.open("/dev/null", os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(null, fd)
+        _close_all_but([sock.fileno()])
+        while sock.recv(1):
+            ours, theirs = {}, {}
+            for name in CHAIN_FDS:
+                r, w = os.pipe()
+                ours[name], theirs[name] = (w, r) if name in ("go", "judge") else (r, w)
+            a = os.fork()
+            if a == 0:
+                sock.close()
+                for fd in ours.values():
+                    os.close(fd)
+                _launch(theirs)
+            for fd in theirs.values():
                 os.close(fd)
-            _launch({"go": go_r, "out": out_w, "err": err_w, "status": st_w})
-        for fd in (go_r, out_w, err_w, st_w):
-            os.close(fd)
-        os.waitpid(a, 0)  # B is now our child (we are a subreaper)
+            os.waitpid(a, 0)  # B is now the zygote's child (it is the subreaper)
+            socket.send_fds(sock, [b"c"], [ours[name] for name in CHAIN_FDS])
+            for fd in ours.values():
+                os.close(fd)
+    except BaseException:
+        pass
+    os._exit(0)
+
+
+class ExecCgroup:
+    """The execution's cgroup, through descriptors the host opened (the container cannot open them)."""
+
+    def __init__(self, fds):
+        self.fds = fds
+
+    def _read(self, name):
+        return os.pread(self.fds[name], 4096, 0).decode()
+
+    def cpu_s(self):
+        text = self._read("cpu_usage")
+        m = re.search(r"usage_usec (\d+)", text)
+        return int(m.group(1)) * 1e-6 if m else int(text.split()[0]) * 1e-9
+
+    def oom_kills(self):
+        m = re.search(r"oom_kill (\d+)", self._read("oom"))
+        return int(m.group(1)) if m else 0
+
+    def join(self, pid):
+        """Move ``pid`` into the execution's group; everything it forks is born there (cgroup migration
+        is slow: done once, for the template, not per execution)."""
+        for fd in self.fds["procs"]:
+            os.write(fd, str(pid).encode())
+
+    def set_memory(self, nbytes):
+        try:
+            os.pwrite(self.fds["memory_limit"], str(nbytes).encode(), 0)
+        except OSError:
+            pass  # charges above the new limit (v1 EBUSY): the previous limit stays
+
+
+class Chain:
+    """A nested sandbox prepared ahead of time by the template: B waits in its namespaces for one step."""
+
+    def __init__(self, fds):
+        for name, fd in zip(CHAIN_FDS, fds):
+            setattr(self, name, fd)
         self.b, report = None, b""
         while b"\n" not in report:  # A wrote one line before it exited
             data = os.read(self.status, 4096)
@@ -257,35 +650,58 @@ class Chain:
         else:
             self.report = report
 
-    def execute(self, step):
+    def execute(self, step, judge_payload, cgroup):
         """Run ``step`` in this chain (used up); returns the facts for the host."""
         lim = step["limits"]
+        cpu0 = cgroup.cpu_s() if cgroup else 0.0
+        ooms0 = cgroup.oom_kills() if cgroup else 0
+        if cgroup:
+            cgroup.set_memory(lim["memory_mb"] << 20)
         t0 = time.monotonic()
         try:
             os.write(self.go, json.dumps(step).encode())  # a few hundred bytes: one write
         except OSError:
             pass
         os.close(self.go)
-        chunks = {self.out: [], self.err: [], self.status: [self.report]}
+        pending = memoryview(judge_payload or b"")
+        if pending:
+            os.set_blocking(self.judge, False)
+        else:
+            os.close(self.judge)
+        chunks = {self.out: [], self.err: [], self.status: [self.report], self.verdict: []}
         total, limit_hit = 0, None
         deadline = t0 + lim["wall_s"]
-        open_fds = [self.out, self.err, self.status] if self.b is not None else []
+        open_fds = [self.out, self.err, self.status, self.verdict] if self.b is not None else []
         while open_fds:
             left = deadline - time.monotonic()
             if left <= 0:
                 limit_hit = "timeout"
                 break
-            for fd in select.select(open_fds, [], [], left)[0]:
+            ready, writable, _ = select.select(open_fds, [self.judge] if pending else [], [],
+                                               min(left, 0.05) if cgroup else left)
+            if writable:
+                try:
+                    pending = pending[os.write(self.judge, pending[:1 << 16]):]
+                except OSError:  # the judge is gone: no verdict
+                    pending = pending[:0]
+                if not pending:
+                    os.close(self.judge)
+            for fd in ready:
                 data = os.read(fd, 1 << 16)
                 if not data:
                     open_fds.remove(fd)
                     continue
                 chunks[fd].append(data)
-                if fd != self.status:
+                if fd in (self.out, self.err):
                     total += len(data)
             if total > lim["output_bytes"]:
                 limit_hit = "output"
                 break
+            if cgroup and cgroup.cpu_s() - cpu0 > lim["cpu_s"]:
+                limit_hit = "cpu"
+                break
+        if pending:
+            os.close(self.judge)
         cpu = 0.0
         if self.b is not None:
             if limit_hit:
@@ -293,7 +709,9 @@ class Chain:
             usage = os.wait4(self.b, 0)[2]  # includes C, which B waited for
             cpu = usage.ru_utime + usage.ru_stime
         wall = time.monotonic() - t0
-        for fd in (self.out, self.err, self.status):
+        if cgroup:  # every process of the execution, orphans included, is dead and counted now
+            cpu = cgroup.cpu_s() - cpu0
+        for fd in (self.out, self.err, self.status, self.verdict):
             os.close(fd)
         status, error = None, None
         for line in b"".join(chunks[self.status]).decode("latin-1").splitlines():
@@ -301,106 +719,126 @@ class Chain:
                 status = int(line.split()[1])
             elif line.startswith("error "):
                 error = line[6:]
+        verdict = None
+        if judge_payload is not None:
+            try:
+                verdict = json.loads(b"".join(chunks[self.verdict])[:1 << 20])
+            except ValueError:
+                verdict = None
         cap = lim["output_bytes"]
+        b64 = lambda fd: base64.b64encode(b"".join(chunks[fd])[:cap]).decode("ascii")  # noqa: E731
         return {
             "exit_code": os.waitstatus_to_exitcode(status) if status is not None else None,
             "limit": limit_hit,
             "error": (error or "no status from the sandbox") if limit_hit is None and status is None else None,
-            "stdout": b"".join(chunks[self.out])[:cap].decode("latin-1"),
-            "stderr": b"".join(chunks[self.err])[:cap].decode("latin-1"),
+            "stdout_b64": b64(self.out),
+            "stderr_b64": b64(self.err),
             "wall_s": wall,
-            "cpu_over": cpu >= lim["cpu_s"],
+            "cpu_s": cpu,
+            "cpu_source": "cgroup" if cgroup else "rusage",
+            "oom_kills": (cgroup.oom_kills() - ooms0) if cgroup else None,
+            "verdict": verdict,
         }
 
-    def discard(self):
-        os.close(self.go)  # B reads end of input and exits
-        if self.b is not None:
-            os.waitpid(self.b, 0)
-        for fd in (self.out, self.err, self.status):
-            os.close(fd)
 
-
-def _write_text(path, text):
-    with open(path, "w", encoding="utf-8", errors="surrogateescape") as f:
-        f.write(text)
+def _write_bytes(path, data):
+    with open(path, "wb") as f:
+        f.write(data)
 
 
 class Zygote:
-    """Runs jobs one at a time, with the next nested sandbox always prepared."""
+    """Runs jobs one at a time; the template prepares the next nested sandbox while one runs."""
 
-    def __init__(self):
-        self.ready = None
+    def __init__(self, config):
+        self.config = config
+        self.cgroup = ExecCgroup(config["cgroup"]) if config.get("cgroup") else None
+        self.sock, theirs = socket.socketpair()
+        self.template = os.fork()
+        if self.template == 0:
+            self.sock.close()
+            _template(theirs)
+        theirs.close()
+        self.asked = 0
+        self.template_in_cgroup = False
 
-    def prepare(self):
-        if self.ready is None:
-            self.ready = Chain()
+    def ask(self):
+        if self.cgroup and not self.template_in_cgroup:
+            self.cgroup.join(self.template)
+            self.template_in_cgroup = True
+        if not self.asked:
+            self.sock.send(b"c")
+            self.asked = 1
 
-    def step(self, argv, stdin, limits, write_job):
-        with open(os.path.join(JOB_DIR, "stdin"), "wb") as f:
-            f.write(stdin.encode("latin-1"))
-        self.prepare()
-        chain, self.ready = self.ready, None
-        return chain.execute({"argv": argv, "limits": limits, "write_job": write_job})
+    def take(self):
+        self.ask()
+        _, fds, _, _ = socket.recv_fds(self.sock, 16, len(CHAIN_FDS))
+        self.asked = 0
+        if len(fds) != len(CHAIN_FDS):
+            raise OSError("the template sent %d descriptors" % len(fds))
+        return Chain(fds)
+
+    def step(self, argv, stdin, limits, write_job, test=None):
+        _write_bytes(os.path.join(JOB_DIR, "stdin"), stdin)
+        chain = self.take()
+        self.ask()  # the template forks the next one while this one runs
+        address_space = limits["memory_mb"] * (2 if self.cgroup else 1)  # the cgroup is the real bound
+        step = {"argv": argv, "limits": limits, "write_job": write_job, "judged": test is not None,
+                "address_space_mb": address_space}
+        payload = json.dumps(test).encode() if test is not None else None
+        return chain.execute(step, payload, self.cgroup)
 
     def job(self, job):
         results = []
         try:
             src = os.path.join(JOB_DIR, "main.py" if job["language"] == "python" else "main.cpp")
+            _write_bytes(src, job["program"].encode("utf-8", "surrogatepass"))
             if job.get("compile"):
-                _write_text(src, job["program"])
-                compiled = self.step(job["compile"], "", job["compile_limits"], True)
+                compiled = self.step(job["compile"], b"", job["compile_limits"], True)
                 results.append(compiled)
-                if compiled["limit"] or compiled["exit_code"] != 0:
+                if compiled["limit"] or compiled["exit_code"] != 0 or compiled["oom_kills"]:
                     return results
             for run in job["runs"]:
-                if job["language"] == "python":
-                    _write_text(src, job["program"] + run.get("suffix", ""))
-                results.append(self.step(job["argv"], run["stdin"], job["limits"], False))
+                test = {"test": run["test"], "token": run["token"]} if run.get("test") is not None else None
+                results.append(self.step(job["argv"], base64.b64decode(run["stdin_b64"]), job["limits"], False, test))
             return results
         finally:
             for name in os.listdir(JOB_DIR):
                 os.unlink(os.path.join(JOB_DIR, name))
 
 
-def _read_exact(n):
-    buf = b""
-    while len(buf) < n:
-        data = os.read(0, n - len(buf))
-        if not data:
-            return None
-        buf += data
-    return buf
-
-
 def _send(obj):
     data = json.dumps(obj).encode()
     data = struct.pack(">I", len(data)) + data
-    while data:
-        data = data[os.write(1, data):]
+    view = memoryview(data)
+    while view:
+        view = view[os.write(1, view):]
 
 
 def main():
+    config = json.loads(sys.argv[1])
     _check(LIBC.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0), "dumpable")
     _check(LIBC.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0), "subreaper")
     for name in PRELOAD:
         __import__(name)
     gc.freeze()  # a forked execution's garbage collector then leaves the zygote's pages shared
-    # Nothing is forked before the first job: the host moves this container into its cgroup meanwhile.
+    zygote = Zygote(config)  # the template is forked here, before any job exists
     _send({"ready": True, "python": sys.version.split()[0]})
-    zygote = Zygote()
     while True:
-        head = _read_exact(4)
-        body = _read_exact(struct.unpack(">I", head)[0]) if head else None
+        head = _read_exact(0, 4)
+        size = struct.unpack(">I", head)[0] if head else 0
+        if size > config["max_request"]:
+            _send({"error": "request of %d bytes (limit %d)" % (size, config["max_request"])})
+            return  # the host never sends one: end the container rather than read it
+        body = _read_exact(0, size) if head else None
         if body is None:
-            if zygote.ready is not None:
-                zygote.ready.discard()
             return
         try:
             reply = {"results": zygote.job(json.loads(body))}
         except Exception as e:  # a fault of the sandbox itself, reported as such
             reply = {"error": "%s: %s" % (type(e).__name__, e)}
+        del body
         _send(reply)
-        zygote.prepare()  # the next nested sandbox, while the host is busy with this answer
+        del reply
 
 
 if __name__ == "__main__":
