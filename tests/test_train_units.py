@@ -20,7 +20,7 @@ from k15sys.train.metrics import MetricsLog, read_metrics
 from k15sys.train.model import build_model
 from k15sys.train.packing import IGNORE_INDEX, pack
 from k15sys.train.policy import PackedPolicy
-from k15sys.train.sft import sft_examples, warmup_problems
+from k15sys.tasks import sft_examples, warmup_problems
 
 
 def _eval_chain(text: str) -> int:
@@ -452,7 +452,7 @@ def test_pmd_log_probs_are_taken_at_the_rollout_temperature(tmp_path, tempered):
                              f"run.output_dir={tmp_path}"])
     trainer = Trainer(cfg)
     tok = trainer.tokenizer
-    prompts = [tok.encode(p.prompt, bos=True) for p in trainer.splits.train[:6]]
+    prompts = [tok.encode(p.prompt, bos=True) for p in trainer.task.train[:6]]
     comps = trainer.engine.generate(prompts, SamplingParams(12, temperature=0.5, seed=3))
     batch = pack([p + c.token_ids for p, c in zip(prompts, comps)], [len(p) for p in prompts])
     with torch.no_grad():

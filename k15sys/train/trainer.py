@@ -4,13 +4,15 @@ One RL iteration (``Trainer.rl_iteration``):
 
 1. partial rollouts: the scheduler opens ``prompts_per_iteration`` new groups of k samples from the
    sampler (curriculum / prioritized) and continues unfinished trajectories from the replay buffer;
-2. rewards: the math verifier, a repeat penalty for looping trajectories, the length penalty (2.3.3);
+2. rewards: the task's verifier (math answers, code tests in the sandbox), a repeat penalty for looping trajectories, the length penalty (2.3.3);
 3. the complete groups are packed (varlen, no padding) and scored under the reference policy pi_i
    (the current weights) once, without grad;
 4. minibatch steps on the PMD loss (2.3.2) through ``k15sys.ops.fused_logprobs``;
 5. the new weights go to the rollout engine; metrics are logged, evaluation and checkpoint follow.
 
-Everything that decides the next step (model, optimizer, sampler, replay buffer, RNG, iteration) is
+The task (the shipped arithmetic, or a user's JSONL problems) and the model (built-in, or ``model.path``)
+come from factories (:func:`k15sys.tasks.factory.build_task`, :mod:`k15sys.train.model`); the trainer names
+neither. Everything that decides the next step (model, optimizer, sampler, replay buffer, RNG, iteration) is
 checkpointed, so ``--resume`` after a kill continues exactly where the last checkpoint left off.
 Under torchrun every rank rolls out and trains on its share of the groups (FSDP2 shards the model, see
 :mod:`k15sys.train.distributed`); rank 0 writes metrics and checkpoints.
@@ -18,6 +20,7 @@ Under torchrun every rank rolls out and trains on its share of the groups (FSDP2
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import math
 import os
@@ -32,24 +35,23 @@ from typing import Any
 import numpy as np
 import torch
 
-from k15sys.algo import CurriculumSampler, LengthPenaltySchedule, PrioritizedSampler, length_penalty, penalize_repeats, pmd_loss, pmd_seq_grad
+from k15sys.algo import CurriculumSampler, LengthPenaltySchedule, PrioritizedSampler, length_penalty, penalize_repeats, pmd_loss
 from k15sys.integrations.transformers_attention import register
-from k15sys.rewards import math_reward
 from k15sys.rollout import Group, PartialRolloutScheduler, RemoteEngine, ReplayBuffer, SamplingParams
 from k15sys.rollout.paged_engine import make_rollout_engine
-from k15sys.tasks import CharTokenizer, make_splits
+from k15sys.tasks.base import Tokenizer
+from k15sys.tasks.factory import build_task
 from k15sys.train import distributed as dist_utils
 from k15sys.train.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from k15sys.train.config import Config, RLConfig, check_config, to_dict
 from k15sys.train.evaluation import evaluate
 from k15sys.train.hybrid import TrainerOffload
 from k15sys.train.metrics import MetricsLog
-from k15sys.train.model import build_model
+from k15sys.train.model import build_lm, build_tokenizer
 from k15sys.train.packing import pack
 from k15sys.train.policy import PackedPolicy
-from k15sys.train.progress import expected_iterations, progress_bar
-from k15sys.train.sft import WarmUp, warmup_problems
-from k15sys.weights import WeightSync
+from k15sys.train.sft import WarmUp
+from k15sys.weights import push_weights
 
 
 def informative_groups(trajs: list, rewards: torch.Tensor, group_size: int) -> tuple[list, torch.Tensor]:
@@ -92,10 +94,12 @@ def generation_threads(cfg: Config) -> int:
     return cfg.run.rollout_threads or cfg.run.threads
 
 
-def _build_lm(cfg: Config, tok: CharTokenizer) -> torch.nn.Module:
-    """The main job's policy architecture for ``tok``, initialised from ``cfg.model.seed``."""
-    return build_model(cfg.model, tok.vocab_size, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                       pad_token_id=tok.pad_token_id)
+def _progress(iterable: Any, enabled: bool, **kw: Any) -> Any:
+    if not enabled:
+        return iterable
+    from tqdm import tqdm
+
+    return tqdm(iterable, **kw)
 
 
 def use_deterministic_algorithms() -> None:
@@ -117,9 +121,9 @@ def build_rollout_engine(cfg: Config) -> Any:
     threads = generation_threads(cfg)  # the worker only generates
     if threads:
         torch.set_num_threads(threads)
-    tok = CharTokenizer()
-    lm = _build_lm(cfg, tok)
+    tok = build_tokenizer(cfg.model)
     device = dist_utils.resolve_device(cfg.run.device)
+    lm = build_lm(cfg.model, tok, device)
     if device.type == "cuda":  # the GPU RemoteEngine made current for this worker
         device = torch.device("cuda", torch.cuda.current_device())
     return make_rollout_engine(cfg.run.engine, lm, device, pad_token_id=tok.pad_token_id)
@@ -165,20 +169,20 @@ class Trainer:
         self.stop_after = stop_after or (lambda it, where: None)
         self.rank, self.world = dist_utils.rank_and_world()
         self.out = Path(cfg.run.output_dir)
-        self.tokenizer = CharTokenizer()
-        t = cfg.task
-        self.splits = make_splits(seed=t.seed, num_train=t.num_train, num_eval=t.num_eval, min_ops=t.min_ops,
-                                  max_ops=t.max_ops, max_operand=t.max_operand)
+        # the data first: a bad file or row fails before the model loads
+        self.tokenizer: Tokenizer = build_tokenizer(cfg.model)
+        self.task = build_task(cfg, self.tokenizer)
         tok = self.tokenizer
         self.device = dist_utils.resolve_device(cfg.run.device)
-        lm = _build_lm(cfg, tok)
+        lm = build_lm(cfg.model, tok, self.device)
         # the rollout engine holds its own copy of the weights (decoding with a KV cache through SDPA),
         # refreshed after every step (weight sync): in this process, or in worker processes
-        if cfg.run.rollout_workers:  # a weight group of their own per trainer rank: works under torchrun too
+        if cfg.run.rollout_workers:
+            if self.world > 1:
+                raise ValueError("run.rollout_workers: rollout worker processes need a single-process trainer "
+                                 "(not torchrun)")
             n = cfg.run.rollout_workers
-            gpus = None
-            if self.device.type == "cuda":  # one process: spread over the GPUs; torchrun: on this rank's GPU
-                gpus = [w % torch.cuda.device_count() if self.world == 1 else self.device.index for w in range(n)]
+            gpus = [w % torch.cuda.device_count() for w in range(n)] if self.device.type == "cuda" else None
             self.engine: Any = RemoteEngine(functools.partial(build_rollout_engine, cfg), n, cuda_devices=gpus)
         else:
             self.engine = make_rollout_engine(cfg.run.engine, copy.deepcopy(lm), self.device,
@@ -186,18 +190,16 @@ class Trainer:
         if self.device.type == "cuda":  # packed training rows: the Triton varlen kernel, no [T, T] mask
             lm.set_attn_implementation(register())
         self.policy = dist_utils.shard(PackedPolicy(lm.to(self.device)))
-        self.weight_sync = WeightSync(self.policy.lm, self.engine)
         if cfg.rl.optimizer == "sgd":
             self.optimizer: torch.optim.Optimizer = torch.optim.SGD(self.policy.parameters(), lr=cfg.rl.lr, momentum=0.9)
         else:
             self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=cfg.rl.lr, betas=(0.9, 0.98), weight_decay=0.0)
         # hybrid deployment: the trainer's memory (plain or FSDP2-sharded) goes to the host while the engine generates
         self.offload = TrainerOffload(self.policy, self.optimizer, self.device)
-        self.warmup: WarmUp | None = WarmUp(
-            self.policy, warmup_problems(self.splits.train, cfg.sft.max_ops), tok, cfg.sft,
-            verify_prob=cfg.task.verify_prob, direct_prob=cfg.task.direct_prob, mistake_prob=cfg.task.mistake_prob,
-            seed=cfg.run.seed, row_tokens=cfg.run.pack_row_tokens)
-        self.prompts = [tok.encode(p.prompt, bos=True) for p in self.splits.train]
+        sft_cfg = cfg.sft if self.task.has_sft else dataclasses.replace(cfg.sft, steps=0)  # no traces: no warm-up
+        self.warmup: WarmUp | None = WarmUp(self.policy, self.task.sft_examples, sft_cfg, seed=cfg.run.seed,
+                                            pad_id=tok.pad_token_id, row_tokens=cfg.run.pack_row_tokens)
+        self.prompts = [self.task.prompt_ids(p) for p in self.task.train]
         self.scheduler = PartialRolloutScheduler(
             self.engine, self._make_sampler(), self.prompts,
             group_size=cfg.rl.group_size,
@@ -205,7 +207,7 @@ class Trainer:
             budget_per_iteration=cfg.rl.token_budget or cfg.rl.max_new_tokens,
             max_total_len=max(map(len, self.prompts)) + cfg.rl.max_new_tokens,
             max_response_len=cfg.rl.max_new_tokens,
-            params=SamplingParams(cfg.rl.max_new_tokens, temperature=cfg.rl.temperature, stop_token_ids=(tok.eos_token_id,)),
+            params=SamplingParams(cfg.rl.max_new_tokens, temperature=cfg.rl.temperature, stop_token_ids=tok.stop_token_ids),
             batch_size=256,
             buffer=ReplayBuffer(),
         )
@@ -243,9 +245,8 @@ class Trainer:
                 print(f"k15: SFT model: held-out pass@1 {row['eval/pass@1']:.3f}", file=sys.stderr, flush=True)
             self.save()
         cfg = self.cfg.rl
-        bar = progress_bar(range(self.iteration, cfg.iterations), self.cfg.run.progress and self.rank == 0, desc="rl",
-                           initial=self.iteration,
-                           total=expected_iterations(self.iteration, self.rl_seconds, cfg.iterations, cfg.max_minutes))
+        bar = _progress(range(self.iteration, cfg.iterations), self.cfg.run.progress and self.rank == 0,
+                        desc="rl", initial=self.iteration, total=cfg.iterations)
         stop = self._stop_agreed()  # asked during the SFT evaluation
         shown: dict[str, float | None] = {}
         for _ in bar:
@@ -260,8 +261,6 @@ class Trainer:
                 row.update(self._evaluate())
             self.metrics.log(row)
             if hasattr(bar, "set_postfix"):  # the figures a user watches, on the progress bar
-                # total and ETA: the real stop, rl.iterations or rl.max_minutes at the pace so far
-                bar.total = expected_iterations(self.iteration, self.rl_seconds, cfg.iterations, cfg.max_minutes)
                 shown = {"reward": row["rl/reward"], "pass@1": row.get("eval/pass@1", shown.get("pass@1"))}
                 bar.set_postfix({k: f"{v:.3f}" for k, v in shown.items() if v is not None}, refresh=False)
             stop = self._stop_agreed()
@@ -290,6 +289,7 @@ class Trainer:
         self._closed = True
         self.metrics.close()
         self.scheduler.close()
+        self.task.close()
         if isinstance(self.engine, RemoteEngine):
             self.engine.close()
 
@@ -304,7 +304,7 @@ class Trainer:
         c, w = self.cfg, self.warmup
         if w is None:
             raise RuntimeError("sft: the warm-up already ran")
-        for row in progress_bar(w, c.run.progress and self.rank == 0, desc="sft", initial=w.step, total=c.sft.steps):
+        for row in _progress(w, c.run.progress and self.rank == 0, desc="sft", initial=w.step, total=c.sft.steps):
             self.metrics.scalar("sft/loss", row["sft/loss"], int(row["sft/step"]))
             if w.step < c.sft.steps and self._stop_agreed():
                 return False
@@ -325,7 +325,7 @@ class Trainer:
         # 1. partial rollouts (new groups + continued trajectories); the seed makes the run reproducible
         t0 = time.perf_counter()
         self.scheduler.params = SamplingParams(cfg.max_new_tokens, temperature=cfg.temperature,
-                                               stop_token_ids=(self.tokenizer.eos_token_id,),
+                                               stop_token_ids=self.tokenizer.stop_token_ids,
                                                seed=self.cfg.run.seed * 1_000_003 + it * 7919 + self.rank)
         if self.cfg.run.colocate:  # the engine gets the accelerator's memory while it generates
             self.offload.offload()
@@ -389,11 +389,12 @@ class Trainer:
         trajs = [t for g in groups for t in g.trajectories]
         if not trajs:
             return torch.zeros(0), torch.zeros(0), {"truncated": 0.0, "repeat": 0.0}
-        problems = [self.splits.train[g.prompt_index] for g in groups for _ in g.trajectories]
-        correct = torch.tensor([
-            0.0 if t.finish_reason == "length" else math_reward(self.tokenizer.decode(t.response_ids), p.answer)
-            for t, p in zip(trajs, problems)
-        ])
+        problems = [self.task.train[g.prompt_index] for g in groups for _ in g.trajectories]
+        scored = [i for i, t in enumerate(trajs) if t.finish_reason != "length"]  # a cut response is not verified
+        correct = torch.zeros(len(trajs))
+        if scored:
+            correct[scored] = torch.tensor(self.task.reward([problems[i] for i in scored],
+                                                            [trajs[i].response_ids for i in scored]))
         truncated = torch.tensor([t.finish_reason == "length" for t in trajs])
         repeated = torch.tensor([t.finish_reason == "repeat" for t in trajs])
         rewards = torch.where(truncated, torch.full_like(correct, cfg.truncated_reward), correct)
@@ -423,13 +424,13 @@ class Trainer:
 
         temp = cfg.temperature if cfg.tempered_logprobs and cfg.temperature > 0 else 1.0
 
-        def forward(idx: list[int], *, entropy: bool = False, seq_coef: torch.Tensor | None = None) -> Any:
+        def forward(idx: list[int], *, entropy: bool = False) -> Any:
             if not idx:  # a zero-weight pass that only keeps this rank in step with the others
-                batch = pack([[self.tokenizer.bos_token_id, self.tokenizer.eos_token_id]], [1])
+                batch = pack([[self.tokenizer.eos_token_id] * 2], [1])
             else:
                 batch = pack([seqs[i] for i in idx], [plens[i] for i in idx], row_tokens=self.cfg.run.pack_row_tokens,
                              pad_id=self.tokenizer.pad_token_id)
-            return self.policy(batch, return_entropy=entropy, temperature=temp, seq_coef=seq_coef)
+            return self.policy(batch, return_entropy=entropy, temperature=temp)
 
         with torch.no_grad():
             refs = [self._seq_logp(forward(chunks[c] if c < len(chunks) else [])) for c in range(steps)]
@@ -439,16 +440,12 @@ class Trainer:
             group["lr"] = lr
         gen = torch.Generator().manual_seed(self.cfg.run.seed * 31 + self.iteration)
         losses, norms, kls, ents, toks = [], [], [], [], 0.0
-        fused = cfg.logprob_path == "fused" or (cfg.logprob_path == "auto" and self.device.type == "cuda")
         self.policy.train()
-        for epoch in range(cfg.epochs):
+        for _ in range(cfg.epochs):
             order = torch.randperm(num_groups, generator=gen).tolist()
             for step in range(steps):
                 idx = [g * k + j for g in order[step * mb_groups : (step + 1) * mb_groups] for j in range(k)]
-                coef = None  # the first step: weights still pi_i, each sample's dL/dlogp known up front (fused op)
-                if fused and epoch == 0 and step == 0:
-                    coef = self._first_step_coef([len(seqs[i]) - plens[i] for i in idx], ref[idx], rewards[idx])
-                out = forward(idx, entropy=True, seq_coef=coef)
+                out = forward(idx, entropy=True)
                 seq_logp = self._seq_logp(out)
                 if idx:
                     loss = pmd_loss(seq_logp, ref[idx], rewards[idx].to(seq_logp.device), group_size=k, tau=cfg.tau,
@@ -456,7 +453,7 @@ class Trainer:
                 else:
                     loss = 0.0 * seq_logp.sum()
                 self.optimizer.zero_grad(set_to_none=True)
-                (loss if coef is None else out.loss).backward()  # the fused path: `loss` is its value, detached
+                loss.backward()
                 norm = dist_utils.clip_grad_norm(self.policy, cfg.grad_clip)
                 self.optimizer.step()
                 norms.append(norm)
@@ -471,21 +468,6 @@ class Trainer:
         return {"rl/loss": mean(losses), "rl/grad_norm": mean(norms), "rl/kl_ref": mean(kls), "rl/entropy": mean(ents),
                 "rl/train_tokens": toks, "rl/lr": lr}
 
-    def _first_step_coef(self, lengths: list[int], ref: torch.Tensor, rewards: torch.Tensor) -> torch.Tensor:
-        """``dL/d(sum of the response's log-probs)`` of each sample of the iteration's first step (paper 2.3.2).
-        No update has happened since the reference pass, so log pi_theta = log pi_i and ``pmd_seq_grad`` needs no
-        forward (delta = 0); rl.normalize's sequence log-prob divides it by the length (or the constant)."""
-        cfg = self.cfg.rl
-        if not lengths:
-            return torch.zeros(1)  # the zero-weight pass's one placeholder sample
-        grad = pmd_seq_grad(ref, ref, rewards.to(ref.device), group_size=cfg.group_size, tau=cfg.tau,
-                            baseline=cfg.baseline)
-        if cfg.normalize == "mean":
-            grad = grad / torch.tensor(lengths, dtype=grad.dtype, device=grad.device).clamp_min(1.0)
-        elif cfg.normalize == "constant":
-            grad = grad / float(cfg.max_new_tokens)
-        return grad
-
     def _seq_logp(self, out: Any) -> torch.Tensor:
         norm = self.cfg.rl.normalize
         if norm == "mean":
@@ -495,12 +477,11 @@ class Trainer:
         return out.seq_logp
 
     def sync_weights(self) -> None:
-        """Trainer -> rollout engine, one version (``k15sys.weights.WeightSync``): into an in-process engine's own
-        tensors on their device (FSDP2 shards gathered one tensor at a time), or through the checkpoint engine
-        to rollout workers; checked before anything changes, applied all-or-nothing."""
+        """Trainer -> rollout engine: full, unsharded weights in HF names through ``k15sys.weights.push_weights``
+        (the in-process path; the engine applies a version all-or-nothing)."""
         if self.cfg.run.colocate:
             self.engine.wake()
-        self.weight_sync.push()
+        push_weights(self.engine, dist_utils.full_state_dict(self.policy.lm))
 
     # ------------------------------------------------------------------ evaluation / state
     def _evaluate(self) -> dict[str, float]:
@@ -509,7 +490,7 @@ class Trainer:
         row = {}
         if self.rank == 0:
             with intra_op_threads(generation_threads(self.cfg)):
-                row = evaluate(self.engine, self.tokenizer, self.splits.eval, max_new_tokens=self.cfg.rl.max_new_tokens,
+                row = evaluate(self.engine, self.task, self.task.eval, max_new_tokens=self.cfg.rl.max_new_tokens,
                                num_samples=e.num_samples, temperature=e.temperature, batch_size=e.batch_size,
                                seed=self.cfg.run.seed)
         row = dist_utils.broadcast_object(row)
@@ -562,9 +543,9 @@ class Trainer:
     def _make_sampler(self) -> Any:
         cfg, seed = self.cfg.rl, self.cfg.run.seed
         if cfg.sampler == "prioritized":
-            return PrioritizedSampler(len(self.splits.train), seed=seed + self.rank)
+            return PrioritizedSampler(len(self.task.train), seed=seed + self.rank)
         ramp = cfg.curriculum_ramp if cfg.sampler == "curriculum" else 0
-        return CurriculumSampler([p.difficulty for p in self.splits.train], ramp_iterations=ramp, seed=seed + self.rank)
+        return CurriculumSampler([p.difficulty for p in self.task.train], ramp_iterations=ramp, seed=seed + self.rank)
 
     def _my_share(self, n: int) -> int:
         share = n // self.world + (1 if self.rank < n % self.world else 0)
