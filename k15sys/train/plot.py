@@ -7,6 +7,9 @@ from pathlib import Path
 from k15sys.train.metrics import read_metrics
 
 DEFAULT_KEYS = ("eval/pass@1", "eval/direct_share", "rl/accuracy", "rl/response_len", "rl/kl_ref", "rl/entropy", "time/iteration_s")
+# rl/kl_ref: mean of log pi_i - log pi_theta over samples drawn from pi_i, an unbiased but noisy estimate of
+# KL(pi_i || pi_theta): it can go below 0 at one iteration
+TITLES = {"rl/kl_ref": "rl/kl_ref (sample estimate, can be < 0)"}
 
 
 def plot_run(run_dir: str | Path, out: str | Path | None = None, *, keys: Sequence[str] | None = None) -> Path:
@@ -39,7 +42,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None, *, keys: Sequen
         if sft:
             ax.axhline(sft[0], color="gray", ls="--", lw=1, label=f"SFT model {sft[0]:.2f}")
             ax.legend(loc="best", fontsize=8)
-        ax.set_title(key, fontsize=10)
+        ax.set_title(TITLES.get(key, key), fontsize=10)
         ax.set_xlabel("RL iteration")
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(keys):]:
