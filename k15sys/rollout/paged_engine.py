@@ -469,10 +469,10 @@ class _Run:
         e = self.e
         try:
             while self.waiting or self.running:
-                self._admit()
+                admitted = self._admit()
                 if self.running:
                     self._decode_round()
-                elif self.waiting:
+                elif not admitted:
                     raise RuntimeError("generate: the KV cache cannot hold the next prompt group even when empty; "
                                        "raise kv_cache_tokens or lower max_new_tokens")
         except BaseException:
@@ -490,8 +490,9 @@ class _Run:
         shared = prompt_len // e.page_size if k > 1 else 0
         return shared, -(-longest // e.page_size) - shared
 
-    def _admit(self) -> None:
-        """Prefill as many waiting groups as fit the sequence budget, the free pages and the prefill budget."""
+    def _admit(self) -> bool:
+        """Prefill as many waiting groups as fit the sequence budget, the free pages and the prefill budget;
+        False if none did."""
         e = self.e
         batch, tokens, free, seats = [], 0, e.pool.free, e.max_num_seqs - len(self.running)
         while self.waiting:
@@ -514,6 +515,7 @@ class _Run:
             tokens, free, seats = tokens + n, free - need, seats - len(group)
         if batch:
             self._prefill(batch)
+        return bool(batch)
 
     def _prefill(self, groups: list[list[int]]) -> None:
         e = self.e
