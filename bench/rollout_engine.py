@@ -16,6 +16,7 @@ repeat detection, so every sequence runs its whole budget. Cases, all in one run
 """
 from __future__ import annotations
 
+import json
 import time
 
 import numpy as np
@@ -173,6 +174,11 @@ def main() -> None:
         group_p, group_k, name = 64, 8, torch.cuda.get_device_name().replace(" ", "_")
         kw = dict(kv_cache_memory_fraction=0.5, max_num_seqs=512, sync_every=32)
     bandwidth = copy_bandwidth(dev)
+    path = benchlib.result_path(args, f"rollout_engine_{name}.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    def partial() -> None:  # what is measured so far, in case a time limit ends the run
+        path.write_text(json.dumps({**result, "partial": True}, indent=2) + "\n")
     engine = PagedEngine(model, device=dev, repeat_detector=None, **kw)
     result = {"bench": "rollout_engine", "device": name, "torch": torch.__version__, "dtype": str(dtype),
               "model": "Qwen2-1.5B-shaped, random init" if not quick else "tiny Qwen2",
@@ -192,12 +198,7 @@ def main() -> None:
             row[f"speedup_vs_{peer}"] = round(row["paged"]["tokens_per_s"] / row[peer]["tokens_per_s"], 2)
         result["table"].append(row)
         print(row, flush=True)
-    long = {"batch": long_b, "prompt": long_p, "new_tokens": long_n,
-            "paged": time_paged(engine, prompts_of(long_b, long_p, vocab, 7), long_n, dev),
-            "roofline_tokens_per_s": round(roofline(model, long_b, long_p, long_n, bandwidth), 1)}
-    long["roofline_fraction"] = round(long["paged"]["tokens_per_s"] / long["roofline_tokens_per_s"], 3)
-    result["long"] = long
-    print(long, flush=True)
+        partial()
     group_prompts = [p for p in prompts_of(group_p, prompt, vocab, 11) for _ in range(group_k)]
     shared = time_paged(engine, group_prompts, new, dev)
     engine.share_prefixes = False
@@ -206,7 +207,15 @@ def main() -> None:
     result["group"] = {"prompts": group_p, "samples": group_k, "prompt": prompt, "new_tokens": new,
                        "shared": shared, "not_shared": unshared,
                        "speedup": round(shared["tokens_per_s"] / unshared["tokens_per_s"], 2)}
-    benchlib.finish(result, benchlib.result_path(args, f"rollout_engine_{name}.json"), summary(result))
+    print(result["group"], flush=True)
+    partial()
+    long = {"batch": long_b, "prompt": long_p, "new_tokens": long_n,
+            "paged": time_paged(engine, prompts_of(long_b, long_p, vocab, 7), long_n, dev),
+            "roofline_tokens_per_s": round(roofline(model, long_b, long_p, long_n, bandwidth), 1)}
+    long["roofline_fraction"] = round(long["paged"]["tokens_per_s"] / long["roofline_tokens_per_s"], 3)
+    result["long"] = long
+    print(long, flush=True)
+    benchlib.finish(result, path, summary(result))
 
 
 if __name__ == "__main__":
