@@ -215,6 +215,10 @@ class RunConfig:
                           "memory while the engine generates, then engine.sleep() during training and wake() before "
                           "the weight sync (also for the FSDP2-sharded trainer under torchrun)")
     tensorboard: bool = _opt(True, "also write TensorBoard event files")
+    loggers: str = _opt("", "also log every metrics row to Weights & Biases and/or MLflow (must be installed; "
+                        "WANDB_PROJECT, MLFLOW_TRACKING_URI and MLFLOW_EXPERIMENT_NAME as usual); "
+                        "the run is named after run.output_dir",
+                        choices=("", "wandb", "mlflow", "wandb,mlflow"))
     progress: bool = _opt(True, "show tqdm progress bars")
 
 
