@@ -212,7 +212,8 @@ class Trainer:
             buffer=ReplayBuffer(),
         )
         self.length_weight = LengthPenaltySchedule(cfg.rl.length_penalty_weight, cfg.rl.length_penalty_warmup)
-        self.metrics = MetricsLog(self.out, tensorboard=cfg.run.tensorboard, enabled=self.rank == 0)
+        self.metrics = MetricsLog(self.out, tensorboard=cfg.run.tensorboard, enabled=self.rank == 0,
+                                  loggers=cfg.run.loggers, config=to_dict(cfg))
         self.iteration = 0  # RL iterations done
         self.stage = "init"
         self.rl_seconds = 0.0
