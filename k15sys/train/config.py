@@ -23,11 +23,12 @@ class ConfigError(ValueError):
 
 
 def _opt(default: Any, help: str, *, choices: tuple[Any, ...] | None = None, min: float | None = None,
-         max: float | None = None, above: float | None = None, why: str = "") -> Any:
+         max: float | None = None, above: float | None = None, why: str = "", max_text: str = "") -> Any:
     """A config field: ``min``/``max`` bound it (inclusive), ``above`` strictly from below; ``why`` ends the
-    message of a value out of range (what would silently go wrong)."""
+    message of a value out of range (what would silently go wrong); ``max_text`` shows a machine-dependent
+    ``max`` in the reference."""
     return field(default=default, metadata={"help": help, "choices": choices, "min": min, "max": max, "above": above,
-                                            "why": why})
+                                            "why": why, "max_text": max_text})
 
 
 # more torch threads or rollout processes than this is a typo (100000 threads segfault), not a setting
@@ -197,10 +198,11 @@ class RunConfig:
     seed: int = _opt(0, "seed of sampling, rollouts and minibatch order", min=0)
     threads: int = _opt(2, "torch intra-op threads of training (0 = torch default); a fixed count keeps runs "
                         "bit-reproducible on one machine", min=0, max=_MAX_THREADS,
-                        why=f"{os.cpu_count()} CPUs here")
+                        max_text="4 x CPUs", why=f"{os.cpu_count()} CPUs here")
     rollout_threads: int = _opt(1, "torch intra-op threads while generating (rollouts, evaluation, rollout "
                                 "workers); 0 = run.threads. Decoding's small matmuls run fastest on one thread "
-                                "on the CPU", min=0, max=_MAX_THREADS, why=f"{os.cpu_count()} CPUs here")
+                                "on the CPU", min=0, max=_MAX_THREADS, max_text="4 x CPUs",
+                                why=f"{os.cpu_count()} CPUs here")
     deterministic: bool = _opt(False, "bit-reproducible GPU runs: torch.use_deterministic_algorithms(True) and a fixed "
                                "cuBLAS workspace (CUBLAS_WORKSPACE_CONFIG), for the whole process; somewhat slower. "
                                "The CPU path is reproducible without it")
@@ -210,7 +212,7 @@ class RunConfig:
     rollout_workers: int = _opt(0, "rollout engines in their own processes (k15sys.rollout.RemoteEngine), weights "
                                 "sent through the checkpoint engine; 0 = one engine in the trainer process. "
                                 "Single-process trainer only (not under torchrun)", min=0, max=_MAX_WORKERS,
-                                why=f"one process per engine, {os.cpu_count()} CPUs here")
+                                max_text="CPUs", why=f"one process per engine, {os.cpu_count()} CPUs here")
     colocate: bool = _opt(False, "hybrid deployment (GPU colocation): the trainer's parameters and optimizer state go to host "
                           "memory while the engine generates, then engine.sleep() during training and wake() before "
                           "the weight sync (also for the FSDP2-sharded trainer under torchrun)")
@@ -357,16 +359,27 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
+def _range(m: dict[str, Any]) -> str:
+    """The allowed values of a numeric field, e.g. ``>= 2``, ``> 0``, ``in [0, 1]``."""
+    lo = f"[{m['min']}" if m.get("min") is not None else f"({m['above']}" if m.get("above") is not None else None
+    hi = m.get("max_text") or m.get("max")
+    if lo and hi is not None:
+        return f"in {lo}, {hi}]"
+    if lo:
+        return (">= " if lo[0] == "[" else "> ") + lo[1:]
+    return f"<= {hi}" if hi is not None else ""
+
+
 def describe(cls: type = Config, prefix: str = "") -> list[str]:
-    """One line per option: ``key (type, default): help``."""
+    """One line per option: ``key (type, default, range or choices): help``."""
     lines = []
     for f in dataclasses.fields(cls):
         if _is_section(f):
             lines.append(f"[{prefix}{f.name}] {f.default_factory.__doc__}")
             lines += describe(f.default_factory, prefix + f.name + ".")
         else:
-            choices = f.metadata.get("choices")
-            extra = f", one of {list(choices)}" if choices else ""
+            choices, allowed = f.metadata.get("choices"), _range(f.metadata)
+            extra = f", one of {list(choices)}" if choices else f", {allowed}" if allowed else ""
             typ = f.type if isinstance(f.type, str) else f.type.__name__
             lines.append(f"  {prefix}{f.name} ({typ}, default {f.default!r}{extra}): {f.metadata.get('help', '')}")
     return lines
