@@ -183,7 +183,13 @@ _STATS_CONFIGS = (
 )
 
 
-@triton.autotune(configs=_STATS_CONFIGS, key=["H", "V", "SPLIT_V"])
+def _prune_for_precision(configs, named_args, **kwargs):
+    """fp32 inputs (``IEEE``: FMA dots, no tensor cores) are for accuracy, not speed: one config, one compile."""
+    return configs[:1] if kwargs.get("IEEE") else configs
+
+
+@triton.autotune(configs=_STATS_CONFIGS, key=["H", "V", "SPLIT_V"],
+                 prune_configs_by={"early_config_prune": _prune_for_precision})
 @triton.heuristics({"EVEN_K": lambda args: args["H"] % args["BLOCK_K"] == 0})
 @triton.jit
 def logits_stats_kernel(

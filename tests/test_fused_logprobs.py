@@ -198,6 +198,23 @@ def test_buffer_free_forward_with_backward(dtype, scale, tol):
         fused_logprobs(hidden, weight, labels, backend="torch", chunk=0)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_gradient_of_one_input_only(backend):
+    """A frozen LM head (or frozen hidden states): only the other gradient is computed, and it is the same."""
+    dev = "cpu" if backend == "torch" else _interpreter_or_cuda()
+    hidden, weight, labels = make(11, 16, 400, torch.float32, dev, seed=4)
+    grads = {}
+    for need in ("both", "hidden", "weight"):
+        h = hidden.clone().requires_grad_(need in ("both", "hidden"))
+        w = weight.clone().requires_grad_(need in ("both", "weight"))
+        lp, ent = fused_logprobs(h, w, labels, return_entropy=True, backend=backend, chunk=4, vocab_chunk=128)
+        (lp.sum() - 0.5 * ent.sum()).backward()
+        grads[need] = (h.grad, w.grad)
+    assert grads["hidden"][1] is None and grads["weight"][0] is None
+    torch.testing.assert_close(grads["hidden"][0], grads["both"][0], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(grads["weight"][1], grads["both"][1], atol=1e-6, rtol=1e-6)
+
+
 def test_no_grad_and_empty_inputs():
     dev = _interpreter_or_cuda()
     hidden, weight, labels = make(9, 24, 1013, torch.float32, dev, seed=11)
@@ -232,6 +249,8 @@ def test_bad_input():
         fused_logprobs(h, w.double(), y)
     with pytest.raises(ValueError, match="backend"):
         fused_logprobs(h, w, y, backend="cuda")
+    with pytest.raises(ValueError, match="vocab_chunk"):
+        fused_logprobs(h, w, y, vocab_chunk=0)
     with pytest.raises(ValueError, match="lp_coef"):
         fused_logprob_loss(h, w, y, torch.ones(3))
     with pytest.raises(ValueError, match="lp_coef"):

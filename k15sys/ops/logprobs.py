@@ -2,24 +2,28 @@
 
 RL training needs ``log pi(y_t | y_<t)`` of the sampled tokens (and often the entropy), not the
 logits: with a 152k vocabulary the fp32 logits of a 16k-token sequence alone are 10 GB. Here the LM
-head is applied to ``chunk`` rows at a time (cuBLAS / torch matmul), and a row kernel turns the chunk
-into statistics (forward) or, in place, into the gradient w.r.t. the logits (backward), which two more
-matmuls turn into ``d hidden`` and ``d weight``. Peak extra memory is one ``[chunk, V]`` buffer in the
-input dtype, never ``[T, V]`` and never fp32 softmax tensors.
+head is applied one logits tile at a time (cuBLAS / torch matmul into one reused buffer of about 640 MiB
+in the input dtype), and a row kernel turns the tile into statistics (forward) or, in place, into the
+gradient w.r.t. the logits (backward), which two more matmuls turn into ``d hidden`` and ``d weight``.
+Never ``[T, V]``, never fp32 softmax tensors.
 
 Two entry points:
 
 * :func:`fused_logprobs` -- differentiable (custom autograd Function) for any upstream gradient on the
-  log-probs and on the entropy: forward = 1 matmul + stats, backward = 3 matmuls (logits recomputed).
+  log-probs and on the entropy. Tiles are ``[rows, vocab columns]``: the forward merges each row's partial
+  statistics over the vocabulary chunks; the backward recomputes the logits tile by tile (except the
+  forward's last tile, still in the buffer), writes ``d weight`` of a vocabulary chunk in one GEMM over the
+  whole row block and accumulates ``d hidden`` in fp32. 4 matmuls minus the kept tile.
 * :func:`fused_logprob_loss` -- the loss ``sum_t c_t logp_t + e_t H_t`` with per-token coefficients
   known up front (for k1.5 these are ``pmd_seq_grad`` broadcast over each response's tokens): the
-  gradient is produced during the forward, so forward + backward cost 3 matmuls, no recomputation.
+  gradient is produced during the forward from ``[chunk, V]`` row chunks, so forward + backward cost 3
+  matmuls, no recomputation.
 
 Backends: ``"triton"`` runs the row kernels of ``k15sys.kernels.fused_logprobs`` (CUDA, or the CPU
-interpreter when ``TRITON_INTERPRET=1``); ``"torch"`` runs the same chunked algorithm in plain torch
-(fp32 math on one chunk); ``"auto"`` picks triton on CUDA and torch elsewhere. With ``chunk=0`` the
+interpreter when ``TRITON_INTERPRET=1``); ``"torch"`` runs the same tiled algorithm in plain torch
+(fp32 math on one tile); ``"auto"`` picks triton on CUDA and torch elsewhere. With ``chunk=0`` the
 Triton backend computes the forward statistics with the buffer-free fused kernel instead (logit tiles
-never leave the chip; no ``[chunk, V]`` buffer), for memory-critical no-grad passes.
+never leave the chip; no buffer), for memory-critical no-grad passes.
 Measurements and the design rationale: ``docs/fused_logprobs.md``.
 """
 from __future__ import annotations
@@ -125,49 +129,34 @@ def _rows_triton(logits, labels, lse, ent, lp, g_lp, g_ent, **kw) -> None:
 _ROWS = {"torch": _rows_torch, "triton": _rows_triton}
 
 
-# ------------------------------------------------------------------ chunk drivers
-def _logits_buffer(hidden: torch.Tensor, weight: torch.Tensor, chunk: int) -> torch.Tensor:
-    """The one [chunk, V] buffer every chunk's logits (then its gradient) are written into."""
-    return torch.empty(min(chunk, hidden.shape[0]), weight.shape[0], dtype=hidden.dtype, device=hidden.device)
-
-
-def _forward_stats(hidden, weight, labels, *, inv_temp, ignore_index, backend, chunk, grads=None):
-    """Log-probs, entropy and lse of every row; with ``grads=(g_lp, g_ent)`` also d hidden / d weight."""
+# ------------------------------------------------------------------ the fused loss: row chunks, gradient in the forward
+def _loss_forward(hidden, weight, labels, lp_coef, ent_coef, *, inv_temp, ignore_index, backend, chunk):
+    """Log-probs, entropy, d hidden and d weight of ``sum lp_coef * logprob + ent_coef * entropy``: per
+    ``[chunk, V]`` row chunk one GEMM, one row pass (statistics, then the gradient in place), two GEMMs."""
     T, V = hidden.shape[0], weight.shape[0]
     dev = hidden.device
     lse = torch.empty(T, dtype=torch.float32, device=dev)
     ent = torch.empty(T, dtype=torch.float32, device=dev)
     lp = torch.empty(T, dtype=torch.float32, device=dev)
-    rows = _ROWS[backend]
-    dh = dw = None
-    if grads is not None:
-        dh = torch.empty_like(hidden)
-        dw = torch.empty_like(weight) if T else torch.zeros_like(weight)
-    buf = _logits_buffer(hidden, weight, chunk)
+    dh = torch.empty_like(hidden)
+    dw = torch.empty_like(weight) if T else torch.zeros_like(weight)
+    buf = torch.empty(min(chunk, T), V, dtype=hidden.dtype, device=dev)
     for c0 in range(0, T, chunk):
         c1 = min(T, c0 + chunk)
         h = hidden[c0:c1]
         logits = torch.mm(h, weight.T, out=buf[: c1 - c0])
-        g_lp = g_ent = None
-        if grads is not None:
-            g_lp = grads[0][c0:c1]
-            g_ent = None if grads[1] is None else grads[1][c0:c1]
-        rows(logits, labels[c0:c1], lse[c0:c1], ent[c0:c1], lp[c0:c1], g_lp, g_ent,
-             inv_temp=inv_temp, ignore_index=ignore_index, stats=True, grad=grads is not None)
-        if grads is not None:
-            torch.mm(logits, weight, out=dh[c0:c1])
-            _accumulate_dweight(dw, logits, h, first=c0 == 0)
-    return lp, ent, lse, dh, dw
+        _ROWS[backend](logits, labels[c0:c1], lse[c0:c1], ent[c0:c1], lp[c0:c1], lp_coef[c0:c1],
+                       None if ent_coef is None else ent_coef[c0:c1], inv_temp=inv_temp, ignore_index=ignore_index,
+                       stats=True, grad=True)
+        torch.mm(logits, weight, out=dh[c0:c1])
+        if c0 == 0:  # the first chunk writes d weight (no zero fill), the others accumulate
+            torch.mm(logits.T, h, out=dw)
+        else:
+            dw.addmm_(logits.T, h)
+    return lp, ent, dh, dw
 
 
-def _accumulate_dweight(dw: torch.Tensor, dlogits: torch.Tensor, h: torch.Tensor, *, first: bool) -> None:
-    """``dw (+)= dlogits^T h``: the first chunk overwrites (no zero fill, no read of zeros)."""
-    if first:
-        torch.mm(dlogits.T, h, out=dw)
-    else:
-        dw.addmm_(dlogits.T, h)
-
-
+# ------------------------------------------------------------------ the autograd path: [rows, vocab columns] tiles
 def merge_partials(part: torch.Tensor, labels: torch.Tensor, ignore_index: int):
     """(lse, entropy, logprob) [T] fp32 from per-chunk statistics ``part`` = fp32 [4, NCHUNK, T] holding each
     vocabulary chunk's row max ``m``, ``s = sum e^(z-m)``, ``t = sum e^(z-m) z`` and the label's logit (0 where
@@ -384,8 +373,8 @@ def fused_logprobs(
 class _FusedLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, lp_coef, ent_coef, inv_temp, ignore_index, backend, chunk):
-        lp, ent, _, dh, dw = _forward_stats(hidden, weight, labels, inv_temp=inv_temp, ignore_index=ignore_index,
-                                            backend=backend, chunk=chunk, grads=(lp_coef, ent_coef))
+        lp, ent, dh, dw = _loss_forward(hidden, weight, labels, lp_coef, ent_coef, inv_temp=inv_temp,
+                                        ignore_index=ignore_index, backend=backend, chunk=chunk)
         loss = (lp * lp_coef).sum()
         if ent_coef is not None:
             loss = loss + (ent * ent_coef).sum()
