@@ -155,7 +155,8 @@ class RemoteEngine:
         """
         if self._closed:
             raise RuntimeError("RemoteEngine: closed")
-        host = {n: t.detach().cpu().contiguous() for n, t in check_weights(named_tensors, what="named_tensors")}
+        pairs = [(n, t.detach().cpu().contiguous() if isinstance(t, torch.Tensor) else t) for n, t in named_tensors]
+        host = dict(check_weights(pairs, what="named_tensors"))  # each tensor left the device as it came
         version = self.weight_version + 1
         for w in range(self.num_workers):
             self.group.send_object(("weights", version), w + 1)
