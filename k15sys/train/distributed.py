@@ -72,8 +72,8 @@ def resolve_device(device: str) -> torch.device:
 
 
 def rank_and_world() -> tuple[int, int]:
-    """The trainer's (rank, world size): the torchrun group's, (0, 1) in a single process (where a default
-    group, if any, belongs to the rollout workers of :class:`~k15sys.rollout.RemoteEngine`)."""
+    """The trainer's (rank, world size): the torchrun group's, (0, 1) in a single process (rollout workers of
+    :class:`~k15sys.rollout.RemoteEngine` are not part of it: they join a weight group of their own)."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
