@@ -237,3 +237,18 @@ def test_train_on_mbpp_rows_with_a_llama_directory(tmp_path, tiny_llama, mbpp_fi
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in rows] == [0, 1]  # no sft.data: no warm-up, the SFT row evaluates the start
     assert rows[1]["rl/groups"] == 4 and rows[1]["time/reward_s"] > 0 and 0 <= rows[1]["eval/pass@1"] <= 1
+
+
+def test_the_your_model_example_runs(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parent.parent / "examples" / "your_model.py"
+    out = subprocess.run([sys.executable, str(example), "--work", str(tmp_path), "--train-rows", "4", "--eval-rows", "2",
+                          "--sft-steps", "1", "--iterations", "1", "--max-new-tokens", "8"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    assert set(summary["pass@1"]) == {"0", "1"} and isinstance(summary["export_answer"], str)
+    assert "$ k15 train --output-dir" in out.stdout and "--set model.path=" in out.stdout
