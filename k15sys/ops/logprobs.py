@@ -336,7 +336,8 @@ def fused_logprobs(
     """Per-token ``log softmax(hidden @ weight.T / temperature)[label]`` without materialising [T, V].
 
     The logits are computed in ``[chunk, vocab_chunk]`` tiles into one reused buffer (about 640 MiB); the
-    backward recomputes them tile by tile, except the forward's last tile, which is kept for it.
+    backward recomputes them tile by tile, except the forward's last tile, which is kept for it: when a
+    gradient is needed, the buffer lives from the forward until the backward starts (or the graph is freed).
 
     Args:
         hidden: [T, H] final hidden states (fp32, fp16 or bf16).
