@@ -90,7 +90,9 @@ from k15sys.train.policy import PackedPolicy
 from k15sys.weights import WeightSync
 
 du.init_from_env()
-lm = build_model(ModelConfig(hidden_size=32, intermediate_size=64, num_layers=2), 24, bos_token_id=1,
+# vocabulary 25: the embedding's shards are uneven (13 + 12 rows, gathered then copied); the rest all-gathered
+# straight into the engine's tensors
+lm = build_model(ModelConfig(hidden_size=32, intermediate_size=64, num_layers=2), 25, bos_token_id=1,
                  eos_token_id=2, pad_token_id=0)
 engine = TorchEngine(copy.deepcopy(lm), repeat_detector=None)
 policy = du.shard(PackedPolicy(lm))
@@ -99,7 +101,15 @@ with torch.no_grad():
         p.to_local().mul_(-2.0)  # the shards change; the engine's copy does not
 full = du.full_state_dict(policy.lm)
 sync = WeightSync(policy.lm, engine)
+gathers = {"into": 0}
+real = torch.distributed.all_gather_into_tensor
+def counting(*args, **kwargs):
+    gathers["into"] += 1
+    return real(*args, **kwargs)
+torch.distributed.all_gather_into_tensor = counting
 sync.push()
+torch.distributed.all_gather_into_tensor = real
+assert 0 < gathers["into"] < len(full), gathers
 own = dict(engine.model.named_parameters())
 assert sync._plan is None and engine.weight_version == 1
 assert all(torch.equal(own[k], full[k]) for k in own), "engine differs from the gathered weights"

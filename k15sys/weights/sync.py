@@ -8,8 +8,9 @@ The sources are the trainer module's weights (:func:`~k15sys.weights.local.modul
   nothing), then copied straight into them on their device, never through the host. Plain sources of one
   dtype and device in the HF layout of a Llama/Qwen2 config go in one reshard-plan execution
   (:func:`~k15sys.weights.reshard.plan_reshard` HF -> HF: the C++ copy pool on the host, one Triton launch on
-  a GPU); FSDP2 sources are gathered one tensor at a time into their target, so no GPU ever holds a second
-  full copy of the model. The engine's ``weight_version`` advances once per version;
+  a GPU); FSDP2 sources are gathered one tensor at a time into their target (an all-gather straight into
+  the engine's tensor when the shards are even and the dtypes match), so no GPU ever holds a second full copy
+  of the model. The engine's ``weight_version`` advances once per version;
 * any other engine (``RemoteEngine`` -> :class:`~k15sys.weights.CheckpointEngine` to worker processes,
   ``VLLMEngine``): ``update_weights`` with the full tensors, gathered one at a time as the engine consumes
   them (``RemoteEngine`` copies each into host buckets), after a dtype check.
@@ -19,6 +20,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from k15sys.weights.layout import ModelLayout
 from k15sys.weights.local import check_weights, engine_weights, module_weights
@@ -28,6 +30,20 @@ from k15sys.weights.reshard import ReshardPlan, plan_reshard
 def _full(t: torch.Tensor) -> torch.Tensor:
     """The whole tensor: an FSDP2 shard is all-gathered (a collective: every rank calls it, in the same order)."""
     return t.full_tensor() if hasattr(t, "full_tensor") else t.detach()
+
+
+def _copy_into(target: torch.Tensor, t: torch.Tensor) -> None:
+    """``target.copy_(full t)``; dim-0 shards of equal size and the target's dtype and device are all-gathered
+    straight into ``target`` (no temporary full tensor, no second copy)."""
+    if hasattr(t, "full_tensor"):
+        from torch.distributed.tensor import Shard
+
+        local, mesh = t.to_local(), t.device_mesh
+        if (mesh.ndim == 1 and tuple(t.placements) == (Shard(0),) and t.shape[0] % mesh.size() == 0
+                and local.dtype == target.dtype and local.device == target.device and target.is_contiguous()):
+            dist.all_gather_into_tensor(target, local.contiguous(), group=mesh.get_group())
+            return
+    target.copy_(_full(t))
 
 
 class WeightSync:
@@ -65,7 +81,7 @@ class WeightSync:
             with torch.no_grad():
                 if not self._plan_copy(sources, targets):
                     for name, t in sources.items():
-                        targets[name].copy_(_full(t))
+                        _copy_into(targets[name], t)
             self.engine.weight_version += 1
         return sum(t.numel() * t.element_size() for t in sources.values())
 
