@@ -2,7 +2,7 @@
 
 A decode step moves few bytes per kernel, so the count of kernels matters as much as their speed.
 ``_add_rmsnorm_kernel`` adds a sublayer's output to the residual stream (in place) and RMS-normalises the
-result in one pass; ``_rope_store_kernel`` applies the rotary embedding to a token's query and key (in
+result in one pass; ``_silu_mul_kernel`` is the MLP's gate; ``_rope_store_kernel`` applies the rotary embedding to a token's query and key (in
 place) and writes the key and value into the token's KV-cache slot. Rounding follows transformers' Qwen2 /
 Llama modules: the residual sum and the normalised activations are rounded to the model dtype before the
 weight product; statistics in fp32.
@@ -63,3 +63,16 @@ def _rope_store_kernel(Q, K, V, COS, SIN, POS, SLOTS, KC, VC, s_qt, s_qh, s_kt, 
     vp = V + t * s_vt + offs_h[:, None] * s_vh + offs_d[None, :]
     tl.store(VC + cp, tl.load(vp, mask=km, other=0.0), mask=km)
     tl.store(VC + cp + HALF, tl.load(vp + HALF, mask=km, other=0.0), mask=km)
+
+
+@triton.jit
+def _silu_mul_kernel(GU, OUT, N, s_g, s_o, BLOCK: tl.constexpr):
+    """``silu(gate) * up`` of one row block, with ``[gate | up]`` side by side in ``GU`` (one fused GEMM's output)."""
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N
+    g = tl.load(GU + row * s_g + offs, mask=mask, other=0.0)
+    u = tl.load(GU + row * s_g + N + offs, mask=mask, other=0.0).to(tl.float32)
+    gf = g.to(tl.float32)
+    s = (gf / (1.0 + tl.exp(-gf))).to(g.dtype).to(tl.float32)
+    tl.store(OUT + row * s_o + offs, (s * u).to(OUT.dtype.element_ty), mask=mask)

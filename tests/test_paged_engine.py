@@ -248,7 +248,7 @@ def test_gpu_bf16_matches_torch_reference_backend():
     model = _qwen2().to(device="cuda", dtype=torch.bfloat16)
     fast = _engine(model, device="cuda", kv_cache_tokens=4096)
     ref = _engine(model, device="cuda", kv_cache_tokens=4096, attention_backend="torch", cuda_graphs=False)
-    prompts = [list(np.random.default_rng(i).integers(0, 97, n)) for i, n in enumerate([5, 64, 130, 257])]
+    prompts = [list(np.random.default_rng(i).integers(0, 97, n)) for i, n in enumerate([5, 64, 130, 200])]
     a = fast.generate(prompts, SamplingParams(16, temperature=0))
     b = ref.generate(prompts, SamplingParams(16, temperature=0))
     agree = np.mean([x == y for o, r in zip(a, b) for x, y in zip(o.token_ids, r.token_ids)])
@@ -279,3 +279,16 @@ def test_sampled_tokens_follow_the_sampling_distribution():
     want = _filtered_logprobs(model(torch.tensor([PROMPTS[0]])).logits[0, -1], params).exp().detach().numpy()
     assert 0.5 * np.abs(seen - want).sum() < 0.07  # total variation of 3000 draws (noise ~0.04; 0.28 at twice the temperature)
     assert eng.free_pages == eng.num_pages - 1
+
+
+@pytest.mark.gpu
+def test_gpu_update_weights_and_sleep_wake_reach_the_fused_graphs():
+    model, other = _qwen2(0), _qwen2(3)
+    want = [_hf_greedy(other, p, 24) for p in PROMPTS]
+    eng = _engine(model.cuda(), device="cuda")
+    eng.generate(PROMPTS, SamplingParams(24, temperature=0))  # graphs captured on the old weights
+    eng.update_weights(other.state_dict().items())
+    assert [o.token_ids for o in eng.generate(PROMPTS, SamplingParams(24, temperature=0))] == want
+    eng.sleep()
+    eng.wake()
+    assert [o.token_ids for o in eng.generate(PROMPTS, SamplingParams(24, temperature=0))] == want

@@ -106,8 +106,15 @@ class _Decoder:
             q, k = a.q_norm(q), a.k_norm(k)
         return q, k, v
 
+    def fuse_projections(self) -> None:
+        """Make each layer's q/k/v weights (and gate/up weights) row blocks of one tensor, so that one GEMM
+        computes them. The model's parameters become views of the fused tensors: they keep sharing storage,
+        and an in-place update of either reaches both. Call again after the model moved between devices."""
+        self.fused = [(_fuse([layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj]),
+                       _fuse([layer.mlp.gate_proj, layer.mlp.up_proj])) for layer in self.base.layers]
+
     def _forward_fused(self, ids, pos, rope, kv, slots, attend) -> torch.Tensor:
-        from k15sys.kernels.paged_fused import _add_rmsnorm_kernel, _rope_store_kernel
+        from k15sys.kernels.paged_fused import _add_rmsnorm_kernel, _rope_store_kernel, _silu_mul_kernel
 
         T = ids.shape[0]
         x = self.base.embed_tokens(ids)
@@ -126,20 +133,52 @@ class _Decoder:
         for i, layer in enumerate(self.base.layers):
             a = layer.self_attn
             norm(delta, layer.input_layernorm)
-            q, k, v = self._qkv(a, h)
+            (w_qkv, b_qkv, sizes), (w_gu, b_gu, (inter, _)) = self.fused[i]
+            q, k, v = (t.unflatten(-1, (-1, self.head_dim))
+                       for t in torch.nn.functional.linear(h, w_qkv, b_qkv).split(sizes, dim=-1))
+            if hasattr(a, "q_norm"):
+                q, k = a.q_norm(q), a.k_norm(k)
             kc, vc = kv[i, 0], kv[i, 1]
             _rope_store_kernel[(T,)](q, k, v, cos, sin, pos, slots, kc, vc, q.stride(0), q.stride(1), k.stride(0),
                                      k.stride(1), v.stride(0), v.stride(1), cos.stride(0), kc.stride(0), kc.stride(1),
                                      self.num_heads, self.num_kv_heads, H_PAD=hq_pad, HALF=self.head_dim // 2,
-                                     num_warps=1)
+                                     num_warps=4)
             delta = a.o_proj(attend(q, k, v, i).reshape(T, -1))
             norm(delta, layer.post_attention_layernorm)
-            delta = layer.mlp(h)
+            gu = torch.nn.functional.linear(h, w_gu, b_gu)
+            act = gu.new_empty(T, inter)
+            _silu_mul_kernel[(T, triton_cdiv(inter, 1024))](gu, act, inter, gu.stride(0), act.stride(0), BLOCK=1024,
+                                                            num_warps=4)
+            delta = layer.mlp.down_proj(act)
         norm(delta, self.base.norm)
         return h
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.get_output_embeddings()(hidden)
+
+
+def _fuse(linears: list[torch.nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None, list[int]]:
+    """One weight (and bias) tensor with the given linears' rows stacked; their parameters become views of it."""
+    sizes = [lin.weight.shape[0] for lin in linears]
+    with torch.no_grad():
+        weight = torch.cat([lin.weight.detach() for lin in linears])
+        has_bias = [lin.bias is not None for lin in linears]
+        if any(has_bias) and not all(has_bias):  # a mixed layout: add zero biases to the fused GEMM only
+            bias = torch.cat([lin.bias.detach() if lin.bias is not None else weight.new_zeros(n)
+                              for lin, n in zip(linears, sizes)])
+        else:
+            bias = torch.cat([lin.bias.detach() for lin in linears]) if all(has_bias) else None
+        start = 0
+        for lin, n in zip(linears, sizes):
+            lin.weight.data = weight[start: start + n]
+            if lin.bias is not None and bias is not None:
+                lin.bias.data = bias[start: start + n]
+            start += n
+    return weight, bias, sizes
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -261,6 +300,8 @@ class PagedEngine:
         self.fused_kernels = self.device.type == "cuda" if fused_kernels is None else bool(fused_kernels)
         if self.decoder.head_dim % 2 or self.decoder.head_dim & (self.decoder.head_dim - 1):
             self.fused_kernels = False  # the rotary kernel reads power-of-two head halves
+        if self.fused_kernels:
+            self.decoder.fuse_projections()
         self.share_prefixes = share_prefixes
         self.repeat_detector = repeat_detector
         self.pad_token_id = pad_token_id
@@ -321,6 +362,8 @@ class PagedEngine:
         with self._lock:
             if self._asleep:
                 self.model.to(self.device)
+                if self.fused_kernels and self.device.type != "cpu":  # new storage: fuse it again
+                    self.decoder.fuse_projections()
                 self._allocate()
             self._asleep = False
 
