@@ -5,11 +5,15 @@ from __future__ import annotations
 import os
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 from sandbox_support import assert_idle, requires_sandbox
 
-from k15sys.sandbox import Limits, RunRequest, Sandbox, Status, TestCase
+from k15sys.rewards import code_reward, run_tests
+from k15sys.sandbox import Limits, RunRequest, Sandbox, Status, TestCase, isolation
+from k15sys.sandbox.cgroup import tree
 
 pytestmark = requires_sandbox
 
@@ -33,6 +37,14 @@ def _settled(sb: Sandbox) -> None:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.05)
+
+
+def _expected(sb: Sandbox, expected: set[Status]) -> set[Status]:
+    """MEMORY is an OOM kill seen in the execution's cgroup; without one, running out of address space
+    is the program's own error (its MemoryError or bad_alloc)."""
+    if Status.MEMORY in expected and any(c.cgroup is None for c in sb._containers):
+        return expected | {Status.RUNTIME_ERROR}
+    return expected
 
 
 PY = {
@@ -62,7 +74,7 @@ PY = {
 
 @pytest.mark.parametrize("name", sorted(PY))
 def test_hostile_python_ends_cleanly(sb, name):
-    program, expected = PY[name]
+    program, expected = PY[name][0], _expected(sb, PY[name][1])
     t0 = time.perf_counter()
     r = sb.run(program, stdin="z" * (1 << 20) if name == "stdin_flood_read" else "")
     assert r.status in expected, (r.status, r.stderr[-400:])
@@ -86,7 +98,7 @@ CPP = {
 
 @pytest.mark.parametrize("name", sorted(CPP))
 def test_hostile_cpp_ends_cleanly(sb, name):
-    program, expected = CPP[name]
+    program, expected = CPP[name][0], _expected(sb, CPP[name][1])
     r = sb.run(program, language="cpp")
     assert r.status in expected, (r.status, r.stderr[-400:])
     _settled(sb)
@@ -214,3 +226,179 @@ def test_memory_spread_over_many_processes_stays_in_the_container_cgroup():
         _settled(s)
         dirs = container.cgroup.tops + container.cgroup.execs
     assert not any(d.exists() for d in dirs)  # removed with the container
+
+
+# --- Verdict integrity (issue 20): a pass means the tests ran to completion and held ------------------
+
+# Reads the readable, writable memory of its own process and returns the first match of ``pattern``.
+# Every character of a needle is written as a one-character class, so the source never holds it.
+SCAN_MEMORY = """
+import ctypes, re
+def scan(pattern):
+    found = []
+    regions = [line.split() for line in open('/proc/self/maps')]
+    for fields in regions:
+        if not fields[1].startswith('rw') or (len(fields) > 5 and fields[5] in ('[vvar]', '[vsyscall]')):
+            continue
+        start, end = (int(x, 16) for x in fields[0].split('-'))
+        for at in range(start, end, 1 << 22):
+            found += re.findall(pattern, ctypes.string_at(at, min(1 << 22, end - at)))
+    return found
+"""
+
+
+def _hidden(text: str) -> bytes:
+    return "".join(f"[{c}]" for c in text).encode()
+
+
+FAKE_PASSES = {
+    "os_exit": "import os\nos._exit(0)",
+    "system_exit_at_top_level": "raise SystemExit",
+    "system_exit_in_the_function": "def add(a, b):\n    raise SystemExit(0)",
+    "os_exit_in_the_function": "import os\ndef add(a, b):\n    os._exit(0)",
+    "always_equal": "class Any:\n    def __eq__(self, other):\n        return True\n    __hash__ = object.__hash__\n"
+                    "def add(a, b):\n    return Any()",
+    "always_equal_str_subclass": "class S(str):\n    def __eq__(self, other):\n        return True\n"
+                                 "    __hash__ = str.__hash__\ndef add(a, b):\n    return S('no')",
+    "read_own_file": "import re\nsource = open(__file__).read()\n"
+                     "def add(a, b):\n    return re.findall(r\"== '(k15exp-[0-9a-f]+)'\", source)[0]",
+    "read_caller_frames": "import sys\ndef add(a, b):\n    f = sys._getframe(1)\n    while f is not None:\n"
+                          "        for c in f.f_code.co_consts:\n            if isinstance(c, str) and c.startswith('k15exp-'):\n"
+                          "                return c\n        f = f.f_back\n",
+    "scan_own_memory": SCAN_MEMORY + "def add(a, b):\n    return scan(rb'k15exp-[0-9a-f]{32}')[0].decode()",
+}
+
+
+@pytest.mark.parametrize("name", sorted(FAKE_PASSES))
+def test_fake_passes_fail(sb, name):
+    """os._exit / SystemExit before or during the test, objects whose __eq__ always holds, and reading
+    the expected value from its own file, frames or memory: none of them passes an assert test."""
+    expected = f"k15exp-{uuid.uuid4().hex}"
+    tests = [f"assert add(1, 2) == '{expected}'", "assert add(2, 2) == 4"]
+    rs = run_tests(FAKE_PASSES[name], tests, timeout_s=10.0, sandbox=sb)
+    assert [r.status for r in rs] == [Status.RUNTIME_ERROR] * 2, [(r.status, r.stderr[-300:]) for r in rs]
+    honest = f"def add(a, b):\n    return '{expected}' if (a, b) == (1, 2) else a + b"
+    assert code_reward(honest, tests, sandbox=sb) == 1.0  # the same tests can pass
+
+
+def test_judged_values_are_plain_data(sb):
+    """What crosses from the program to its judge is plain data; other objects stay behind a handle."""
+    program = ("import collections\ndef f():\n    return {'a': [1, 2.5, (3, b'x')], 4: {5, 6}, 'n': None, 't': True}\n"
+               "def g():\n    return collections.Counter('aab')\nclass Box:\n    def __init__(self, v):\n"
+               "        self.v = v\n    def get(self):\n        return self.v\ndef gen(n):\n    yield from range(n)\n"
+               "def boom():\n    raise ValueError('bad')\n")
+    tests = ["assert f() == {'a': [1, 2.5, (3, b'x')], 4: {5, 6}, 'n': None, 't': True}",
+             "assert g() == {'a': 2, 'b': 1} and type(g()) is dict",
+             "assert Box(7).get() == 7 and Box([1]).v == [1]",
+             "assert list(gen(3)) == [0, 1, 2]",
+             "try:\n    boom()\nexcept ValueError as e:\n    assert str(e) == 'bad'\nelse:\n    assert False",
+             "assert Box(1) != Box(1)"]  # objects without a plain value never compare equal
+    assert [r.status for r in run_tests(program, tests, sandbox=sb)] == [Status.OK] * len(tests)
+
+
+def test_no_data_of_earlier_executions():
+    """Executions are forked from a state that never held a job: the program, stdin, stdout, assert
+    tests and expected values of earlier executions are nowhere in a later one's memory."""
+    with Sandbox(Limits(wall_s=10.0, cpu_s=5), workers=1) as s:
+        secret = f"k15leak{uuid.uuid4().hex}"
+        s.run(f"SECRET = '{secret}-program'\nprint('{secret}-stdout')", stdin=f"{secret}-stdin")
+        run_tests("def f():\n    return 1", [f"assert f() == 1, '{secret}-test'"], sandbox=s)
+        r = s.run(SCAN_MEMORY + f"print(len(scan(rb'{_hidden(secret).decode()}')))")
+        assert (r.status, r.stdout.strip()) == (Status.OK, "0"), (r.status, r.stdout, r.stderr[-300:])
+
+
+def test_status_comes_from_what_the_sandbox_observed(sb):
+    """Signals to its init are not delivered; printed error names and self-sent signals are read as
+    what they are: the program's own exit."""
+    for sig in ("SIGINT", "SIGTERM", "SIGHUP", "SIGUSR1"):
+        r = sb.run(f"import os, signal\nos.kill(1, signal.{sig})\nimport time\ntime.sleep(0.1)\nprint('alive')")
+        assert (r.status, r.stdout.strip()) == (Status.OK, "alive"), (sig, r.status, r.stderr[-300:])
+    for fake in ("MemoryError", "terminate called after throwing an instance of 'std::bad_alloc'", "out of memory"):
+        r = sb.run(f"import sys\nsys.stderr.write({fake!r})\nsys.exit(1)")
+        assert r.status == Status.RUNTIME_ERROR, (fake, r.status)
+    r = sb.run("import os, signal\nos.kill(os.getpid(), signal.SIGXCPU)")  # no CPU time was spent
+    assert r.status == Status.RUNTIME_ERROR, r.status
+
+
+def _require_cgroup(s: Sandbox) -> None:
+    if any(c.cgroup is None for c in s._containers):
+        pytest.skip(f"NO CGROUP HERE -- per-execution CPU share NOT TESTED: {s.cgroup_error}")
+
+
+SPINNERS = ("import os, time\nfor _ in range({n}):\n    if os.fork() == 0:\n        os.setsid()\n"
+            "        while True:\n            pass\ntime.sleep(60)")
+HONEST = "x = 0\nfor i in range(2_000_000):\n    x += i\nprint(x)"
+
+
+def test_spinners_do_not_slow_other_executions():
+    """60 setsid spinners keep to their execution's one CPU: an honest execution in the other worker
+    runs at about its own speed (it used to be starved until the spinners were killed at the wall limit)."""
+    with Sandbox(Limits(wall_s=6.0, cpu_s=60, max_procs=100), workers=2) as s:
+        _require_cgroup(s)
+        alone = sorted(s.run(HONEST).wall_s for _ in range(3))[1]
+        with ThreadPoolExecutor(1) as pool:
+            bomb = pool.submit(s.run, SPINNERS.format(n=60))
+            time.sleep(1.0)
+            loaded = s.run(HONEST)
+            b = bomb.result()
+        assert loaded.status == Status.OK and loaded.wall_s < 3 * alone + 0.5, (alone, loaded.wall_s)
+        assert b.status == Status.TIMEOUT and b.cpu_s <= 1.15 * b.wall_s + 0.2, (b.status, b.cpu_s, b.wall_s)
+        _settled(s)
+
+
+def test_cpu_time_is_counted_per_execution_not_per_process():
+    """Orphaned spinners each under their own RLIMIT_CPU still add up: the execution ends when all its
+    processes together have used cpu_s, long before the wall limit."""
+    with Sandbox(Limits(wall_s=8.0, cpu_s=1), workers=1) as s:
+        _require_cgroup(s)
+        r = s.run(SPINNERS.format(n=4))
+        assert r.status == Status.TIMEOUT and r.cpu_s >= 0.95 and r.wall_s < 5.0, (r.status, r.cpu_s, r.wall_s)
+        _settled(s)
+
+
+def test_cgroups_nest_under_the_callers():
+    """The container's processes live in cgroups below the caller's own, in every hierarchy, so the
+    caller is charged for them (they used to be created at the hierarchy's top)."""
+    with Sandbox(LIMITS, workers=1) as s:
+        _require_cgroup(s)
+        zygote = tree(s._containers[0].proc.pid)[1]
+
+        def paths(pid: object) -> dict[str, str]:
+            return {controllers: path for _, controllers, path in
+                    (line.split(":", 2) for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines())}
+
+        own, theirs = paths("self"), paths(zygote)
+        for controllers in ("memory", "pids", "cpu", "cpuacct", ""):  # v1 hierarchies, the v2 one
+            if controllers in own and own[controllers] != theirs[controllers]:
+                assert theirs[controllers].startswith(own[controllers].rstrip("/") + "/k15sys-sandbox-"), \
+                    (controllers, own[controllers], theirs[controllers])
+        assert any(own[c] != theirs[c] for c in own if c in ("memory", "")), (own, theirs)
+
+
+def test_request_size_is_bounded_and_read_in_linear_time(sb, monkeypatch):
+    t0 = time.perf_counter()
+    r = sb.run("#" * (100 << 20) + "\nprint(1)")  # 100 MiB program: refused before reaching a container
+    assert r.status == Status.INVALID and "max_request_bytes" in r.stderr and time.perf_counter() - t0 < 3.0
+    with Sandbox(LIMITS, workers=1, max_request_bytes=1 << 20) as small:
+        r = small.run("print(len(input()))", stdin="x" * (2 << 20))
+        assert r.status == Status.INVALID and "max_request_bytes=1048576" in r.stderr
+        assert small.run("print(len(input()))", stdin="x" * (600 << 10)).stdout.strip() == str(600 << 10)
+    with Sandbox(Limits(wall_s=20.0, cpu_s=10, memory_mb=512), workers=1) as s:
+        t0 = time.perf_counter()
+        r = s.run("import sys\nprint(len(sys.stdin.buffer.read()))", stdin="x" * (40 << 20))
+        assert r.stdout.strip() == str(40 << 20) and time.perf_counter() - t0 < 4.0, (r.status, time.perf_counter() - t0)
+
+
+def test_binary_output_does_not_inflate_the_reply(sb, monkeypatch):
+    """0xFF bytes travel base64-encoded (x1.33), not as JSON escapes of latin-1 text (x6)."""
+    sizes = []
+    original = isolation.Container._read_exact
+
+    def recording(self, n, deadline):
+        sizes.append(n)
+        return original(self, n, deadline)
+
+    monkeypatch.setattr(isolation.Container, "_read_exact", recording)
+    r = sb.run("import sys\nsys.stdout.buffer.write(b'\\xff' * 60000)")
+    assert r.status == Status.OK and r.stdout_bytes == b"\xff" * 60000
+    assert max(sizes) < 1.4 * 60000 + 4096, max(sizes)
