@@ -54,7 +54,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.resume and args.overwrite:
         raise ConfigError("--resume and --overwrite: choose one")
     if args.resume and args.config is None and latest_checkpoint(Path(cfg.run.output_dir) / "checkpoints"):
-        cfg = _load_cfg_for_run(args, cfg.run.output_dir)  # the run's own settings; --set still applies on top
+        # the run's own settings (--set still applies on top); the trainer reports any damaged checkpoint it skips
+        cfg = _load_cfg_for_run(args, cfg.run.output_dir, report=False)
     if args.overwrite and int(os.environ.get("RANK", "0")) == 0:  # before the ranks meet in init_from_env
         remove_run(cfg.run.output_dir)
     elif not args.resume:
@@ -161,14 +162,15 @@ def cmd_long2short(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_cfg_for_run(args: argparse.Namespace, run_dir: str | None = None):
-    """The run's own config (saved in its checkpoints) unless --config is given; --set applies on top."""
+def _load_cfg_for_run(args: argparse.Namespace, run_dir: str | None = None, *, report: bool = True):
+    """The run's own config (saved in its checkpoints) unless --config is given; --set applies on top. ``report``:
+    name on stderr the damaged checkpoints skipped on the way."""
     if args.config is None:
         from k15sys.train.checkpoint import checkpoint_config
         from k15sys.train.config import config_from_dict, parse_override
 
         run_dir = run_dir or args.run_dir
-        data = checkpoint_config(_latest_checkpoint(run_dir))
+        data = checkpoint_config(_latest_checkpoint(run_dir, report=report))
         for text in [*args.overrides, f"run.output_dir={run_dir}"]:
             keys, value = parse_override(text)
             node = data
@@ -181,11 +183,13 @@ def _load_cfg_for_run(args: argparse.Namespace, run_dir: str | None = None):
     return _load(args)
 
 
-def _latest_checkpoint(run_dir: str) -> Path:
-    """The run's latest checkpoint directory; a config error if there is none."""
+def _latest_checkpoint(run_dir: str, *, report: bool = True) -> Path:
+    """The run's newest intact checkpoint directory (damaged newer ones named on stderr when ``report``); a config
+    error if there is none."""
     from k15sys.train.checkpoint import latest_checkpoint
 
-    ck = latest_checkpoint(Path(run_dir) / "checkpoints", log=lambda msg: print(f"k15: {msg}", file=sys.stderr))
+    say = (lambda msg: print(f"k15: {msg}", file=sys.stderr)) if report else None
+    ck = latest_checkpoint(Path(run_dir) / "checkpoints", log=say)
     if ck is None:
         raise ConfigError(f"run_dir: no checkpoint under {run_dir}/checkpoints")
     return ck
