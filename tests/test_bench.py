@@ -48,7 +48,7 @@ def test_require_gpus_exits_2_without_enough_gpus(monkeypatch, capsys):
     benchlib.require_gpus(argparse.Namespace(quick=True), "two_gpu_bench", 2)  # --quick runs on the CPU
 
 
-GPU_BENCHES = ["attention.py", "fused_logprob.py", "determinism.py", "weight_sync.py"]
+GPU_BENCHES = ["attention.py", "fused_logprob.py", "determinism.py", "weight_sync.py", "rollout_engine.py"]
 _REFUSALS = """
 import contextlib, io, json, runpy, sys
 sys.path.insert(0, sys.argv[1])
