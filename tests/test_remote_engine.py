@@ -120,7 +120,8 @@ def test_torchrun_ranks_with_rollout_workers_equal_in_process_engines(tmp_path):
     tiny = ["sft.steps=2", "sft.batch_size=8", "rl.iterations=1", "rl.prompts_per_iteration=4", "rl.group_size=4",
             "rl.skip_zero_advantage=false", "rl.minibatch_size=8", "rl.max_new_tokens=16", "task.num_train=48",
             "task.num_eval=4", "eval.every=1", "run.threads=1", "run.progress=false", "run.tensorboard=false",
-            "model.hidden_size=32", "model.intermediate_size=64", "model.num_layers=2"]
+            "model.hidden_size=32", "model.intermediate_size=64", "model.num_layers=2",
+            "rl.logprob_path=fused"]  # and the fused first PMD step under FSDP2
     runs = {}
     for workers in (0, 1):
         out = tmp_path / f"run{workers}"
