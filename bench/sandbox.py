@@ -2,9 +2,13 @@
 
 The same trivial Python program runs (a) as a bare ``/usr/bin/python3 main.py`` subprocess (no
 isolation at all), (b) through ``Sandbox.run`` (pre-started bubblewrap container and zygote; per
-execution a fresh nested user/pid/mount/ipc namespace, rlimits, private tmpfs) and (c) in a fresh
-bubblewrap container per execution (what a container-per-run design such as the paper's pays).
-Latencies are interleaved (a, b, c, a, b, c, ...) so all see the same machine load; between two
+execution a fresh nested user/pid/mount/ipc namespace forked from a template that never held a job,
+rlimits, private tmpfs, a 1-CPU memory-limited cgroup where the host allows it) and (c) in a fresh
+bubblewrap container per execution (what a container-per-run design such as the paper's pays). An
+assert test is also timed both ways: (d) appended to the program in a bare subprocess (what the
+sandbox did before issue 20) and (e) judged by the sandbox (the test in a separate judge process,
+values crossing as plain data). Latencies are interleaved (a, b, c, d, e, a, ...) so all see the
+same machine load; between two
 sandbox calls the zygote has time to prepare the next nested sandbox, so "back-to-back" also times
 sandbox calls issued with no pause at all. Reports p50/p99 latency, the overhead vs bare, and
 executions/s with 2 concurrent workers for (a) and (b), and for (b) with 4 containers on the 2
@@ -24,9 +28,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import benchlib
-from k15sys.sandbox import RunRequest, Sandbox, Status
+from k15sys.sandbox import RunRequest, Sandbox, Status, TestCase
 
 PROGRAM = "print(sum(range(100)))\n"
+FUNCTION = "def add(a, b):\n    return a + b\n"
+ASSERT_TEST = "assert add(1, 2) == 3"
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -41,6 +47,7 @@ def main() -> None:
     n = args.n or (100 if args.quick else 400)
     workdir = tempfile.mkdtemp()
     Path(workdir, "main.py").write_text(PROGRAM)
+    Path(workdir, "test.py").write_text(FUNCTION + "\n" + ASSERT_TEST + "\n")
 
     def bare() -> str:
         return subprocess.run(["/usr/bin/python3", "main.py"], cwd=workdir, capture_output=True, text=True).stdout
@@ -54,9 +61,13 @@ def main() -> None:
     def fresh_container() -> str:
         return subprocess.run(fresh_cmd, capture_output=True, text=True).stdout
 
+    def bare_assert() -> int:
+        return subprocess.run(["/usr/bin/python3", "test.py"], cwd=workdir, capture_output=True).returncode
+
     with Sandbox(workers=2) as sb:
         assert sb.run(PROGRAM).status == Status.OK, sb.start_error
-        lat_bare, lat_sb, lat_fresh, lat_b2b = [], [], [], []
+        sb_cgroup = sb.cgroup_error or "per-container cgroups, 1-CPU execution group"
+        lat_bare, lat_sb, lat_fresh, lat_b2b, lat_bare_assert, lat_judged = [], [], [], [], [], []
         for _ in range(n):  # interleaved, so all see the same machine load
             t0 = time.perf_counter()
             assert bare().strip() == "4950"
@@ -68,6 +79,13 @@ def main() -> None:
             t0 = time.perf_counter()
             assert fresh_container().strip() == "4950"
             lat_fresh.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            assert bare_assert() == 0
+            lat_bare_assert.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            r = sb.run_tests(FUNCTION, [TestCase(suffix=ASSERT_TEST)])[0]
+            lat_judged.append(time.perf_counter() - t0)
+            assert r.status == Status.OK, r
         for _ in range(n):
             t0 = time.perf_counter()
             r = sb.run(PROGRAM)
@@ -100,6 +118,10 @@ def main() -> None:
         "fresh_container_p50_ms": statistics.median(lat_fresh) * 1e3,
         "fresh_container_p99_ms": pct(lat_fresh, 0.99) * 1e3,
         "fresh_container_overhead_p50_ms": (statistics.median(lat_fresh) - statistics.median(lat_bare)) * 1e3,
+        "bare_assert_test_p50_ms": statistics.median(lat_bare_assert) * 1e3,
+        "judged_assert_test_p50_ms": statistics.median(lat_judged) * 1e3,
+        "judged_assert_test_p99_ms": pct(lat_judged, 0.99) * 1e3,
+        "cgroup": sb_cgroup,
         "bare_exec_per_s": bare_rate, "sandbox_exec_per_s": sb_rate, "throughput_ratio_vs_bare": sb_rate / bare_rate,
         "sandbox_4_workers_exec_per_s": sb4_rate,
     }
@@ -107,6 +129,8 @@ def main() -> None:
              f"  bare subprocess {out['bare_p50_ms']:.1f} / {out['bare_p99_ms']:.1f} ms; Sandbox.run "
              f"{out['sandbox_p50_ms']:.1f} / {out['sandbox_p99_ms']:.1f} ms; fresh container per run "
              f"{out['fresh_container_p50_ms']:.1f} / {out['fresh_container_p99_ms']:.1f} ms",
+             f"  assert test: bare subprocess {out['bare_assert_test_p50_ms']:.1f} ms, judged by the sandbox "
+             f"{out['judged_assert_test_p50_ms']:.1f} ms (p50)",
              f"  throughput with 2 workers: {out['sandbox_exec_per_s']:.0f} executions/s "
              f"({out['throughput_ratio_vs_bare']:.2f}x bare), 4 containers {out['sandbox_4_workers_exec_per_s']:.0f}/s"]
     benchlib.finish(out, benchlib.result_path(args, f"sandbox_cpu{'_quick' if args.quick else ''}.json"), lines)

@@ -296,6 +296,37 @@ def test_judged_values_are_plain_data(sb):
     assert [r.status for r in run_tests(program, tests, sandbox=sb)] == [Status.OK] * len(tests)
 
 
+PROBE_OTHERS = """import ctypes, os
+libc = ctypes.CDLL(None, use_errno=True)
+def others():
+    return [int(p) for p in os.listdir('/proc') if p.isdigit() and int(p) != os.getpid()]
+def probe():
+    got = []
+    for pid in others():
+        for what in ('mem', 'environ', 'fd'):
+            try:
+                os.listdir(f'/proc/{pid}/fd') if what == 'fd' else open(f'/proc/{pid}/{what}', 'rb').close()
+                got.append((pid, what))
+            except OSError:
+                pass
+        if libc.ptrace(16, pid, None, None) == 0:  # PTRACE_ATTACH
+            got.append((pid, 'ptrace'))
+        try:
+            os.kill(pid, 0)
+        except OSError:
+            pass
+    return got
+"""
+
+
+def test_program_cannot_reach_its_judge(sb):
+    """The judge (and the execution's init) are visible to the program but neither readable nor
+    traceable: their memory, environment and descriptors are closed to it."""
+    tests = ["assert len(others()) >= 2", "assert probe() == []"]
+    rs = run_tests(PROBE_OTHERS, tests, sandbox=sb)
+    assert [r.status for r in rs] == [Status.OK, Status.OK], [r.stderr[-300:] for r in rs]
+
+
 def test_no_data_of_earlier_executions():
     """Executions are forked from a state that never held a job: the program, stdin, stdout, assert
     tests and expected values of earlier executions are nowhere in a later one's memory."""

@@ -8,11 +8,12 @@ from enum import Enum
 class Status(str, Enum):
     """How one sandboxed execution ended."""
 
-    OK = "OK"                        # exit code 0 within every limit (and the expected output, if given)
+    OK = "OK"                        # exit code 0 within every limit, the expected output if given, and for an
+    #                                  assert test the judge's verdict (with this run's token) that it held
     WRONG_ANSWER = "WRONG_ANSWER"    # ran fine, but the output is not the expected one
     RUNTIME_ERROR = "RUNTIME_ERROR"  # non-zero exit or killed by a signal
-    TIMEOUT = "TIMEOUT"              # wall-clock or CPU-time limit
-    MEMORY = "MEMORY"                # address-space limit hit (MemoryError, std::bad_alloc)
+    TIMEOUT = "TIMEOUT"              # wall-clock or CPU-time limit (CPU time really spent, not a self-sent SIGXCPU)
+    MEMORY = "MEMORY"                # an OOM kill in the execution's cgroup (needs cgroups; never read from output)
     OUTPUT_LIMIT = "OUTPUT_LIMIT"    # stdout + stderr exceeded the cap
     COMPILE_ERROR = "COMPILE_ERROR"  # the compile step failed (C++)
     INVALID = "INVALID"              # bad request: unknown language, empty program
@@ -21,12 +22,15 @@ class Status(str, Enum):
 
 @dataclass(frozen=True)
 class Limits:
-    """Per-execution limits; each is enforced by the kernel (rlimits, tmpfs size) or by the zygote.
+    """Per-execution limits; each is enforced by the kernel (cgroups, rlimits, tmpfs size) or by the zygote.
 
     Attributes:
         wall_s: wall-clock limit; the whole process tree is killed when it passes.
-        cpu_s: CPU-time limit (RLIMIT_CPU), per process.
-        memory_mb: address-space limit (RLIMIT_AS), per process.
+        cpu_s: CPU-time limit of the whole execution, every process together (its cgroup's CPU time, read
+            by the zygote; RLIMIT_CPU per process as well). Each execution gets at most one core.
+        memory_mb: memory of the whole execution, every process together (its cgroup's limit; an OOM kill
+            there is MEMORY); RLIMIT_AS is twice this per process. Without cgroups: RLIMIT_AS = this, per
+            process.
         max_procs: processes/threads of one execution (RLIMIT_NPROC, counted in the execution's own user
             namespace, so concurrent executions do not share it): stops fork bombs.
         file_size_mb: largest file the program may write (RLIMIT_FSIZE).
