@@ -240,6 +240,7 @@ class Remote:
 
     __slots__ = ("_id",)
     channel = None  # set by the judge
+    gone = False    # the program exited during a call: the test fails even if it caught that
 
     def __init__(self, ident):
         object.__setattr__(self, "_id", ident)
@@ -249,6 +250,7 @@ class Remote:
         Remote.channel.send(extra)
         reply = Remote.channel.recv()
         if reply is None:
+            Remote.gone = True
             raise ProgramGone("the program exited during the test")
         if "v" in reply:
             return _decode(reply["v"], Remote)
@@ -258,6 +260,7 @@ class Remote:
             if isinstance(kind, type) and issubclass(kind, Exception):
                 raise kind(message)
             raise RuntimeError("the program raised %s: %s" % (name, message))
+        Remote.gone = True
         raise ProgramGone("the program exited (%s) during the test" % reply.get("x"))
 
     def __call__(self, *args, **kwargs):
@@ -312,6 +315,8 @@ def _judge(test, sock):
             else:
                 namespace[name] = _decode(entry["v"], Remote)
         exec(compile(test, "<test>", "exec"), namespace)
+        if Remote.gone:
+            return False, "the program exited during the test (the test caught it)"
         return True, ""
     except BaseException as e:
         lines = traceback.format_exception(type(e), e, e.__traceback__)
