@@ -182,3 +182,40 @@ def test_resume_falls_back_past_damaged_checkpoints_and_never_silently_starts_ov
     err = capsys.readouterr().err
     assert "checkpoint error: no intact checkpoint" in err and "iter_000002" in err and "--overwrite" in err
     assert (run / "metrics.jsonl").read_text() == rows
+
+
+SAVE_FAILS = r"""
+import sys
+from k15sys.train import distributed as du, trainer as tr
+from k15sys.train.checkpoint import CheckpointError
+from k15sys.train.config import load_config
+
+du.init_from_env("cpu")
+rank = du.rank_and_world()[0]
+trainer = tr.Trainer(load_config(None, sys.argv[1:]))
+
+def full_disk(root, *args, **kw):
+    raise CheckpointError(28, f"checkpoint: {root} has 0.00 GiB free")
+
+tr.save_checkpoint = full_disk
+try:
+    trainer.save()
+except CheckpointError as e:
+    print(f"rank {rank} raised: {e}", flush=True)
+du.shutdown(barrier=True)
+du.exit_rank(0)
+"""
+
+
+@pytest.mark.distributed
+def test_a_failed_save_under_torchrun_stops_every_rank_with_the_message(tmp_path):
+    """Only rank 0 writes checkpoints; when it cannot (a full disk), the other ranks used to wait in the barrier
+    forever. Every rank now raises CheckpointError with rank 0's message."""
+    script = tmp_path / "save_fails.py"
+    script.write_text(SAVE_FAILS)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script),
+           *TINY, f"run.output_dir={tmp_path / 'run'}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "rank 0 raised: [Errno 28] checkpoint: " in proc.stdout
+    assert "rank 1 raised: rank 0 could not save the checkpoint: [Errno 28] checkpoint: " in proc.stdout

@@ -42,7 +42,8 @@ from k15sys.rollout.paged_engine import make_rollout_engine
 from k15sys.tasks.base import Tokenizer
 from k15sys.tasks.factory import build_task
 from k15sys.train import distributed as dist_utils
-from k15sys.train.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from k15sys.train.checkpoint import (CheckpointError, latest_checkpoint, load_checkpoint, rng_state, save_checkpoint,
+                                     set_rng_state)
 from k15sys.train.config import Config, RLConfig, check_config, to_dict
 from k15sys.train.evaluation import evaluate
 from k15sys.train.hybrid import TrainerOffload
@@ -514,9 +515,17 @@ class Trainer:
 
     def save(self) -> None:
         state = self.state_dict()
+        error = None
         if self.rank == 0:
-            save_checkpoint(self.out / "checkpoints", self.iteration, state, keep=self.cfg.run.keep_checkpoints)
-        dist_utils.barrier()
+            try:
+                save_checkpoint(self.out / "checkpoints", self.iteration, state, keep=self.cfg.run.keep_checkpoints)
+            except CheckpointError as e:  # e.g. a full disk: every rank stops with the message, none waits for rank 0
+                error = e
+        message = dist_utils.broadcast_object(None if error is None else str(error))  # also the ranks' barrier
+        if error is not None:
+            raise error
+        if message is not None:
+            raise CheckpointError(f"rank 0 could not save the checkpoint: {message}")
 
     def _resume(self) -> bool:
         # the newest checkpoint that passes its checksums; damaged newer ones are named on stderr, and checkpoints
