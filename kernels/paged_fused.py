@@ -2,8 +2,8 @@
 
 A decode step moves few bytes per kernel, so the count of kernels matters as much as their speed.
 ``_add_rmsnorm_kernel`` adds a sublayer's output to the residual stream (in place) and RMS-normalises the
-result in one pass; ``_silu_mul_kernel`` is the MLP's gate; ``_rope_store_kernel`` applies the rotary embedding to a token's query and key (in
-place) and writes the key and value into the token's KV-cache slot. Rounding follows transformers' Qwen2 /
+result in one pass; ``_silu_mul_kernel`` is the MLP's gate; ``_rope_store_kernel`` applies the rotary
+embedding to a token's query and key (in place) and writes the key and value into the token's KV-cache slot. Rounding follows transformers' Qwen2 /
 Llama modules: the residual sum and the normalised activations are rounded to the model dtype before the
 weight product; statistics in fp32.
 """

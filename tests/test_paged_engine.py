@@ -289,6 +289,9 @@ def test_gpu_update_weights_and_sleep_wake_reach_the_fused_graphs():
     eng.generate(PROMPTS, SamplingParams(24, temperature=0))  # graphs captured on the old weights
     eng.update_weights(other.state_dict().items())
     assert [o.token_ids for o in eng.generate(PROMPTS, SamplingParams(24, temperature=0))] == want
+    held = torch.cuda.memory_allocated()
+    freed = eng._kv.numel() * eng._kv.element_size() + sum(p.numel() * p.element_size() for p in model.parameters())
     eng.sleep()
+    assert torch.cuda.memory_allocated() <= held - freed  # the cache, the weights and their fused copies left
     eng.wake()
     assert [o.token_ids for o in eng.generate(PROMPTS, SamplingParams(24, temperature=0))] == want

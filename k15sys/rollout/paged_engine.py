@@ -25,7 +25,6 @@ runs at a time (calls from several threads queue on a lock).
 """
 from __future__ import annotations
 
-import math
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -67,6 +66,7 @@ class _Decoder:
         self.num_kv_heads = cfg.num_key_value_heads
         self.scale = float(getattr(attn, "scaling", self.head_dim ** -0.5))
         self.vocab = model.get_output_embeddings().weight.shape[0]
+        self.fused: list = []  # per layer: the fused q/k/v and gate/up (weight, bias, row sizes), see fuse_projections
 
     def rotary_table(self, length: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos / sin of positions 0..length-1 from the model's own rotary module ([length, D], model dtype)."""
@@ -354,6 +354,7 @@ class PagedEngine:
             self._kv = self._cos = self._sin = None
             self._graphs, self._graph_pool = {}, None
             if self.device.type != "cpu":
+                self.decoder.fused = []  # its tensors hold the device copies of q/k/v and gate/up
                 self.model.to("cpu")
                 torch.cuda.empty_cache()
             self._asleep = True
