@@ -72,6 +72,8 @@ class WeightGroup:
             raise ValueError(f"rank: must be an int in [0, {size}), got {rank!r}")
         if backend not in ("gloo", "nccl"):
             raise ValueError(f"backend: expected 'gloo' or 'nccl', got {backend!r}")
+        if not isinstance(port, int) or not 0 <= port < 1 << 16 or (port == 0 and store is None):
+            raise ValueError(f"port: must be the rendezvous's TCP port (1..65535), got {port!r}")
         timeout = _timeout(timeout_s)
         join = _timeout(max(timeout_s, 120.0) if join_timeout_s is None else join_timeout_s)
         if store is None:
@@ -107,11 +109,17 @@ class WeightGroup:
         return cls(pg, pg.rank(), pg.size(), backend, device, None, global_ranks=dist.get_process_group_ranks(pg))
 
     # ------------------------------------------------------------------ collectives (ranks of this group)
+    @property
+    def _backend(self) -> Any:
+        if self._pg is None:
+            raise RuntimeError("WeightGroup: closed")
+        return self._pg
+
     def broadcast(self, tensor: torch.Tensor, src: int, *, async_op: bool = False) -> Any:
         """``tensor`` of ``src`` on every rank; returns the pending work when ``async_op``."""
         opts = dist.BroadcastOptions()
         opts.rootRank, opts.rootTensor = src, 0
-        work = self._pg.broadcast([tensor], opts)
+        work = self._backend.broadcast([tensor], opts)
         if async_op:
             return work
         work.wait()
@@ -120,7 +128,7 @@ class WeightGroup:
     def all_reduce_min(self, tensor: torch.Tensor) -> None:
         opts = dist.AllreduceOptions()
         opts.reduceOp = dist.ReduceOp.MIN
-        self._pg.allreduce([tensor], opts).wait()
+        self._backend.allreduce([tensor], opts).wait()
 
     def barrier(self) -> None:
         self.all_reduce_min(torch.zeros(1, dtype=torch.int32, device=self.device))
@@ -138,15 +146,15 @@ class WeightGroup:
     def send_object(self, obj: Any, dst: int) -> None:
         """Point to point: ``obj`` (picklable) to rank ``dst``, which calls :meth:`recv_object`."""
         data = _to_bytes(obj, self.device)
-        self._wait(self._pg.send([torch.tensor([data.numel()], dtype=torch.int64, device=self.device)], dst, 0))
-        self._wait(self._pg.send([data], dst, 1))
+        self._wait(self._backend.send([torch.tensor([data.numel()], dtype=torch.int64, device=self.device)], dst, 0))
+        self._wait(self._backend.send([data], dst, 1))
 
     def recv_object(self, src: int) -> Any:
         """The object rank ``src`` sends with :meth:`send_object`."""
         size = torch.zeros(1, dtype=torch.int64, device=self.device)
-        self._wait(self._pg.recv([size], src, 0))
+        self._wait(self._backend.recv([size], src, 0))
         data = torch.empty(int(size.item()), dtype=torch.uint8, device=self.device)
-        self._wait(self._pg.recv([data], src, 1))
+        self._wait(self._backend.recv([data], src, 1))
         return pickle.loads(data.cpu().numpy().tobytes())
 
     def _wait(self, work: Any) -> None:
