@@ -51,6 +51,7 @@ from k15sys.train.metrics import MetricsLog
 from k15sys.train.model import build_lm, build_tokenizer
 from k15sys.train.packing import pack
 from k15sys.train.policy import PackedPolicy
+from k15sys.train.progress import expected_iterations, progress_bar
 from k15sys.train.sft import WarmUp
 from k15sys.weights import push_weights
 
@@ -93,14 +94,6 @@ def generation_threads(cfg: Config) -> int:
     """Torch intra-op threads while generating (rollouts, evaluation, rollout workers): ``run.rollout_threads``,
     or ``run.threads`` when that is 0."""
     return cfg.run.rollout_threads or cfg.run.threads
-
-
-def _progress(iterable: Any, enabled: bool, **kw: Any) -> Any:
-    if not enabled:
-        return iterable
-    from tqdm import tqdm
-
-    return tqdm(iterable, **kw)
 
 
 def use_deterministic_algorithms() -> None:
@@ -247,8 +240,9 @@ class Trainer:
                 print(f"k15: SFT model: held-out pass@1 {row['eval/pass@1']:.3f}", file=sys.stderr, flush=True)
             self.save()
         cfg = self.cfg.rl
-        bar = _progress(range(self.iteration, cfg.iterations), self.cfg.run.progress and self.rank == 0,
-                        desc="rl", initial=self.iteration, total=cfg.iterations)
+        bar = progress_bar(range(self.iteration, cfg.iterations), self.cfg.run.progress and self.rank == 0, desc="rl",
+                           initial=self.iteration,
+                           total=expected_iterations(self.iteration, self.rl_seconds, cfg.iterations, cfg.max_minutes))
         stop = self._stop_agreed()  # asked during the SFT evaluation
         shown: dict[str, float | None] = {}
         for _ in bar:
@@ -263,6 +257,8 @@ class Trainer:
                 row.update(self._evaluate())
             self.metrics.log(row)
             if hasattr(bar, "set_postfix"):  # the figures a user watches, on the progress bar
+                # total and ETA: the real stop, rl.iterations or rl.max_minutes at the pace so far
+                bar.total = expected_iterations(self.iteration, self.rl_seconds, cfg.iterations, cfg.max_minutes)
                 shown = {"reward": row["rl/reward"], "pass@1": row.get("eval/pass@1", shown.get("pass@1"))}
                 bar.set_postfix({k: f"{v:.3f}" for k, v in shown.items() if v is not None}, refresh=False)
             stop = self._stop_agreed()
@@ -306,7 +302,7 @@ class Trainer:
         c, w = self.cfg, self.warmup
         if w is None:
             raise RuntimeError("sft: the warm-up already ran")
-        for row in _progress(w, c.run.progress and self.rank == 0, desc="sft", initial=w.step, total=c.sft.steps):
+        for row in progress_bar(w, c.run.progress and self.rank == 0, desc="sft", initial=w.step, total=c.sft.steps):
             self.metrics.scalar("sft/loss", row["sft/loss"], int(row["sft/step"]))
             if w.step < c.sft.steps and self._stop_agreed():
                 return False
