@@ -42,3 +42,16 @@ def test_train_says_what_is_loading_first(tmp_path, capsys):
     assert err.index("k15: loading torch, the data and the built-in model") < err.index("config error")
     code = cli.main(["train", "--output-dir", str(tmp_path), "--set", "run.progress=false"])
     assert code == 2 and "k15: loading" not in capsys.readouterr().err
+
+
+def test_the_rl_bar_of_a_time_limited_run_ends_at_its_real_stop(tmp_path, capsys):
+    from k15sys.train import Trainer, load_config
+
+    cfg = load_config(None, ["model.hidden_size=32", "model.intermediate_size=64", "model.num_layers=2",
+                             "task.num_train=50", "task.num_eval=8", "sft.steps=2", "rl.max_new_tokens=16",
+                             "rl.prompts_per_iteration=2", "rl.iterations=1000", "rl.max_minutes=0.01",
+                             "eval.every=1000", "run.tensorboard=false", f"run.output_dir={tmp_path}"])
+    Trainer(cfg).run()
+    last = [line for line in capsys.readouterr().err.replace("\r", "\n").splitlines() if line.startswith("rl:")][-1]
+    done, total = last.split("|")[2].split()[0].split("/")
+    assert done == total and int(total) < 1000, last  # not "n/1000" with an ETA for 1000 iterations
