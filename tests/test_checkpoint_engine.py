@@ -258,7 +258,8 @@ def test_a_rejected_version_is_applied_nowhere(tmp_path):
 def test_weight_group_arguments_are_checked_before_any_rendezvous():
     for kwargs, name in (({"rank": 0, "size": 1}, "size"), ({"rank": 2, "size": 2}, "rank"),
                          ({"rank": 0, "size": 2, "backend": "mpi"}, "backend"),
-                         ({"rank": 0, "size": 2, "port": 0}, "port"), ({"rank": 1, "size": 2, "store": object()}, "store"),
+                         ({"rank": 0, "size": 2, "port": 0}, "port"),
+                         ({"rank": 1, "size": 2, "store": object()}, "store"),
                          ({"rank": 0, "size": 2, "timeout_s": float("nan")}, "timeout_s")):
         with pytest.raises(ValueError, match=f"^{name}:"):
             WeightGroup.create(**{"port": 12345, **kwargs})

@@ -29,7 +29,8 @@ def _model() -> Qwen2ForCausalLM:
 
 def _batch():
     g = torch.Generator().manual_seed(5)
-    seqs = [torch.randint(3, 96, (int(torch.randint(6, 20, (1,), generator=g)),), generator=g).tolist() for _ in range(8)]
+    lengths = torch.randint(6, 20, (8,), generator=g).tolist()
+    seqs = [torch.randint(3, 96, (n,), generator=g).tolist() for n in lengths]
     rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 1.0, 0.5])
     return pack(seqs, [3] * 8, row_tokens=48), rewards
 
