@@ -252,3 +252,10 @@ def test_the_your_model_example_runs(tmp_path):
     summary = json.loads(out.stdout.strip().splitlines()[-1])
     assert set(summary["pass@1"]) == {"0", "1"} and isinstance(summary["export_answer"], str)
     assert "$ k15 train --output-dir" in out.stdout and "--set model.path=" in out.stdout
+
+
+def test_prompt_plus_response_must_fit_the_model_context(tmp_path, capsys, tiny_qwen2, gsm8k_files):
+    assert main(["train", "--output-dir", str(tmp_path / "run"), *_sets([
+        f"model.path={tiny_qwen2}", f"data.train={gsm8k_files['train']}", f"data.eval={gsm8k_files['eval']}",
+        "rl.max_new_tokens=2048"])]) == 2  # the tiny model has 2,048 positions
+    assert "max_position_embeddings=2048" in capsys.readouterr().err

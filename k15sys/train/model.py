@@ -117,6 +117,15 @@ def build_model(cfg: ModelConfig, vocab_size: int, *, bos_token_id: int, eos_tok
     return model
 
 
+def check_context_length(lm: Any, longest: int) -> None:
+    """ConfigError when ``longest`` (the longest prompt + ``rl.max_new_tokens``) exceeds the model's
+    ``max_position_embeddings``: positions past it were never trained (RoPE models would run, and degrade)."""
+    limit = getattr(lm.config, "max_position_embeddings", None)
+    if limit is not None and longest > limit:
+        raise ConfigError(f"rl.max_new_tokens: the longest prompt plus rl.max_new_tokens is {longest} tokens, more than "
+                          f"the model's max_position_embeddings={limit}; lower rl.max_new_tokens or shorten the prompts")
+
+
 def export_model(cfg: ModelConfig, state: dict[str, torch.Tensor], out_dir: str | Path) -> Path:
     """Write the main job's policy weights as a transformers model directory.
 

@@ -48,7 +48,7 @@ from k15sys.train.config import Config, RLConfig, check_config, to_dict
 from k15sys.train.evaluation import evaluate
 from k15sys.train.hybrid import TrainerOffload
 from k15sys.train.metrics import MetricsLog
-from k15sys.train.model import build_lm, build_tokenizer
+from k15sys.train.model import build_lm, build_tokenizer, check_context_length
 from k15sys.train.packing import pack
 from k15sys.train.policy import PackedPolicy
 from k15sys.train.progress import expected_iterations, progress_bar
@@ -166,9 +166,12 @@ class Trainer:
         # the data first: a bad file or row fails before the model loads
         self.tokenizer: Tokenizer = build_tokenizer(cfg.model)
         self.task = build_task(cfg, self.tokenizer)
+        self.prompts = [self.task.prompt_ids(p) for p in self.task.train]
         tok = self.tokenizer
         self.device = dist_utils.resolve_device(cfg.run.device)
         lm = build_lm(cfg.model, tok, self.device)
+        if cfg.model.path:
+            check_context_length(lm, max(map(len, self.prompts)) + cfg.rl.max_new_tokens)
         # the rollout engine holds its own copy of the weights (decoding with a KV cache through SDPA),
         # refreshed after every step (weight sync): in this process, or in worker processes
         if cfg.run.rollout_workers:
@@ -193,7 +196,6 @@ class Trainer:
         sft_cfg = cfg.sft if self.task.has_sft else dataclasses.replace(cfg.sft, steps=0)  # no traces: no warm-up
         self.warmup: WarmUp | None = WarmUp(self.policy, self.task.sft_examples, sft_cfg, seed=cfg.run.seed,
                                             pad_id=tok.pad_token_id, row_tokens=cfg.run.pack_row_tokens)
-        self.prompts = [self.task.prompt_ids(p) for p in self.task.train]
         self.scheduler = PartialRolloutScheduler(
             self.engine, self._make_sampler(), self.prompts,
             group_size=cfg.rl.group_size,
