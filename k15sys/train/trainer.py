@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from k15sys.algo import CurriculumSampler, LengthPenaltySchedule, PrioritizedSampler, length_penalty, penalize_repeats, pmd_loss
+from k15sys.algo import CurriculumSampler, LengthPenaltySchedule, PrioritizedSampler, length_penalty, penalize_repeats, pmd_loss, pmd_seq_grad
 from k15sys.integrations.transformers_attention import register
 from k15sys.rollout import Group, PartialRolloutScheduler, RemoteEngine, ReplayBuffer, SamplingParams
 from k15sys.rollout.paged_engine import make_rollout_engine
@@ -53,7 +53,7 @@ from k15sys.train.packing import pack
 from k15sys.train.policy import PackedPolicy
 from k15sys.train.progress import expected_iterations, progress_bar
 from k15sys.train.sft import WarmUp
-from k15sys.weights import push_weights
+from k15sys.weights import WeightSync
 
 
 def informative_groups(trajs: list, rewards: torch.Tensor, group_size: int) -> tuple[list, torch.Tensor]:
@@ -174,12 +174,11 @@ class Trainer:
             check_context_length(lm, max(map(len, self.prompts)) + cfg.rl.max_new_tokens)
         # the rollout engine holds its own copy of the weights (decoding with a KV cache through SDPA),
         # refreshed after every step (weight sync): in this process, or in worker processes
-        if cfg.run.rollout_workers:
-            if self.world > 1:
-                raise ValueError("run.rollout_workers: rollout worker processes need a single-process trainer "
-                                 "(not torchrun)")
+        if cfg.run.rollout_workers:  # a weight group of their own per trainer rank: works under torchrun too
             n = cfg.run.rollout_workers
-            gpus = [w % torch.cuda.device_count() for w in range(n)] if self.device.type == "cuda" else None
+            gpus = None
+            if self.device.type == "cuda":  # one process: spread over the GPUs; torchrun: on this rank's GPU
+                gpus = [w % torch.cuda.device_count() if self.world == 1 else self.device.index for w in range(n)]
             self.engine: Any = RemoteEngine(functools.partial(build_rollout_engine, cfg), n, cuda_devices=gpus)
         else:
             self.engine = make_rollout_engine(cfg.run.engine, copy.deepcopy(lm), self.device,
@@ -187,6 +186,7 @@ class Trainer:
         if self.device.type == "cuda":  # packed training rows: the Triton varlen kernel, no [T, T] mask
             lm.set_attn_implementation(register())
         self.policy = dist_utils.shard(PackedPolicy(lm.to(self.device)))
+        self.weight_sync = WeightSync(self.policy.lm, self.engine)
         if cfg.rl.optimizer == "sgd":
             self.optimizer: torch.optim.Optimizer = torch.optim.SGD(self.policy.parameters(), lr=cfg.rl.lr, momentum=0.9)
         else:
@@ -424,13 +424,13 @@ class Trainer:
 
         temp = cfg.temperature if cfg.tempered_logprobs and cfg.temperature > 0 else 1.0
 
-        def forward(idx: list[int], *, entropy: bool = False) -> Any:
+        def forward(idx: list[int], *, entropy: bool = False, seq_coef: torch.Tensor | None = None) -> Any:
             if not idx:  # a zero-weight pass that only keeps this rank in step with the others
                 batch = pack([[self.tokenizer.eos_token_id] * 2], [1])
             else:
                 batch = pack([seqs[i] for i in idx], [plens[i] for i in idx], row_tokens=self.cfg.run.pack_row_tokens,
                              pad_id=self.tokenizer.pad_token_id)
-            return self.policy(batch, return_entropy=entropy, temperature=temp)
+            return self.policy(batch, return_entropy=entropy, temperature=temp, seq_coef=seq_coef)
 
         with torch.no_grad():
             refs = [self._seq_logp(forward(chunks[c] if c < len(chunks) else [])) for c in range(steps)]
@@ -440,12 +440,16 @@ class Trainer:
             group["lr"] = lr
         gen = torch.Generator().manual_seed(self.cfg.run.seed * 31 + self.iteration)
         losses, norms, kls, ents, toks = [], [], [], [], 0.0
+        fused = cfg.logprob_path == "fused" or (cfg.logprob_path == "auto" and self.device.type == "cuda")
         self.policy.train()
-        for _ in range(cfg.epochs):
+        for epoch in range(cfg.epochs):
             order = torch.randperm(num_groups, generator=gen).tolist()
             for step in range(steps):
                 idx = [g * k + j for g in order[step * mb_groups : (step + 1) * mb_groups] for j in range(k)]
-                out = forward(idx, entropy=True)
+                coef = None  # the first step: weights still pi_i, each sample's dL/dlogp known up front (fused op)
+                if fused and epoch == 0 and step == 0:
+                    coef = self._first_step_coef([len(seqs[i]) - plens[i] for i in idx], ref[idx], rewards[idx])
+                out = forward(idx, entropy=True, seq_coef=coef)
                 seq_logp = self._seq_logp(out)
                 if idx:
                     loss = pmd_loss(seq_logp, ref[idx], rewards[idx].to(seq_logp.device), group_size=k, tau=cfg.tau,
@@ -453,7 +457,7 @@ class Trainer:
                 else:
                     loss = 0.0 * seq_logp.sum()
                 self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                (loss if coef is None else out.loss).backward()  # the fused path: `loss` is its value, detached
                 norm = dist_utils.clip_grad_norm(self.policy, cfg.grad_clip)
                 self.optimizer.step()
                 norms.append(norm)
@@ -468,6 +472,21 @@ class Trainer:
         return {"rl/loss": mean(losses), "rl/grad_norm": mean(norms), "rl/kl_ref": mean(kls), "rl/entropy": mean(ents),
                 "rl/train_tokens": toks, "rl/lr": lr}
 
+    def _first_step_coef(self, lengths: list[int], ref: torch.Tensor, rewards: torch.Tensor) -> torch.Tensor:
+        """``dL/d(sum of the response's log-probs)`` of each sample of the iteration's first step (paper 2.3.2).
+        No update has happened since the reference pass, so log pi_theta = log pi_i and ``pmd_seq_grad`` needs no
+        forward (delta = 0); rl.normalize's sequence log-prob divides it by the length (or the constant)."""
+        cfg = self.cfg.rl
+        if not lengths:
+            return torch.zeros(1)  # the zero-weight pass's one placeholder sample
+        grad = pmd_seq_grad(ref, ref, rewards.to(ref.device), group_size=cfg.group_size, tau=cfg.tau,
+                            baseline=cfg.baseline)
+        if cfg.normalize == "mean":
+            grad = grad / torch.tensor(lengths, dtype=grad.dtype, device=grad.device).clamp_min(1.0)
+        elif cfg.normalize == "constant":
+            grad = grad / float(cfg.max_new_tokens)
+        return grad
+
     def _seq_logp(self, out: Any) -> torch.Tensor:
         norm = self.cfg.rl.normalize
         if norm == "mean":
@@ -477,11 +496,12 @@ class Trainer:
         return out.seq_logp
 
     def sync_weights(self) -> None:
-        """Trainer -> rollout engine: full, unsharded weights in HF names through ``k15sys.weights.push_weights``
-        (the in-process path; the engine applies a version all-or-nothing)."""
+        """Trainer -> rollout engine, one version (``k15sys.weights.WeightSync``): into an in-process engine's own
+        tensors on their device (FSDP2 shards gathered one tensor at a time), or through the checkpoint engine
+        to rollout workers; checked before anything changes, applied all-or-nothing."""
         if self.cfg.run.colocate:
             self.engine.wake()
-        push_weights(self.engine, dist_utils.full_state_dict(self.policy.lm))
+        self.weight_sync.push()
 
     # ------------------------------------------------------------------ evaluation / state
     def _evaluate(self) -> dict[str, float]:
