@@ -211,7 +211,7 @@ class RunConfig:
     pack_row_tokens: int = _opt(256, "sequence packing: tokens per packed row (0 = one row)", min=0)
     rollout_workers: int = _opt(0, "rollout engines in their own processes (k15sys.rollout.RemoteEngine), weights "
                                 "sent through the checkpoint engine; 0 = one engine in the trainer process. "
-                                "Single-process trainer only (not under torchrun)", min=0, max=_MAX_WORKERS,
+                                "Under torchrun each rank has its own workers (on its GPU)", min=0, max=_MAX_WORKERS,
                                 max_text="CPUs", why=f"one process per engine, {os.cpu_count()} CPUs here")
     colocate: bool = _opt(False, "hybrid deployment (GPU colocation): the trainer's parameters and optimizer state go to host "
                           "memory while the engine generates, then engine.sleep() during training and wake() before "
