@@ -339,6 +339,36 @@ def test_checkpoint_of_the_same_iteration_is_replaced_without_a_gap(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["iter_000000", "latest"]
 
 
+def test_a_settled_checkpoint_is_hashed_once_per_process_and_a_rewrite_again(tmp_path, monkeypatch):
+    """`k15 train --resume` verifies a checkpoint for its config, its choice and its load: one hash of a file that
+    has not changed since; a file changed after its hash (same size, other bytes) is hashed again and fails."""
+    import os
+    import time
+
+    from k15sys.train import checkpoint
+
+    _ckpts(tmp_path, 1)
+    state = tmp_path / "iter_000001" / "state.pt"
+    hashed, sha256 = [], checkpoint._sha256
+    monkeypatch.setattr(checkpoint, "_sha256", lambda p: hashed.append(p.name) or sha256(p))
+    load_checkpoint(latest_checkpoint(tmp_path))
+    assert hashed.count("state.pt") == 2  # just written: not remembered
+    hour_ago = time.time_ns() - 3600 * 10**9
+    os.utime(state, ns=(hour_ago, hour_ago))
+    now = time.time_ns
+    monkeypatch.setattr(checkpoint.time, "time_ns", lambda: now() + 10 * 10**9)  # its ctime settles too
+    hashed.clear()
+    for _ in range(3):
+        load_checkpoint(latest_checkpoint(tmp_path))
+    assert hashed.count("state.pt") == 1
+    with state.open("r+b") as f:  # damaged in place: same size, new mtime
+        f.seek(-100, 2)
+        byte = f.read(1)
+        f.seek(-100, 2)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    with pytest.raises(CheckpointError, match="sha256"):
+        load_checkpoint(tmp_path / "iter_000001")
+
 def test_save_removes_crash_leftovers(tmp_path):
     """Issue 20 item 8: .tmp_iter_* directories left by a kill during a save are removed by the next save."""
     _ckpts(tmp_path, 1)
