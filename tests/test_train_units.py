@@ -294,6 +294,23 @@ def test_resume_falls_back_to_the_newest_intact_checkpoint_and_says_so(tmp_path,
             load_checkpoint(newest)
 
 
+def test_a_read_error_counts_as_damage(tmp_path, monkeypatch):
+    """EIO while hashing (a bad sector) skips the checkpoint like a wrong byte, rather than ending the resume."""
+    from k15sys.train import checkpoint
+
+    _ckpts(tmp_path, 1, 2)
+    sha256 = checkpoint._sha256
+
+    def bad_sector(path):
+        if path.parent.name == "iter_000002" and path.name == "state.pt":
+            raise OSError(errno.EIO, "Input/output error")
+        return sha256(path)
+
+    monkeypatch.setattr(checkpoint, "_sha256", bad_sector)
+    said = []
+    assert latest_checkpoint(tmp_path, log=said.append).name == "iter_000001"
+    assert "iter_000002: state.pt unreadable ([Errno 5] Input/output error)" in said[0]
+
 def test_no_intact_checkpoint_is_an_error_not_a_fresh_start(tmp_path):
     assert latest_checkpoint(tmp_path / "none") is None  # never checkpointed: a fresh start is right
     (tmp_path / "ck").mkdir()

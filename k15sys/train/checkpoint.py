@@ -224,7 +224,7 @@ def verify_checkpoint(path: str | Path) -> None:
             raise KeyError("state.pt")
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no {MANIFEST} (an incomplete checkpoint, or one written before checksums)") from None
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise CheckpointError(f"{path}: unreadable {MANIFEST} ({type(e).__name__}: {e})") from None
     for name, (size, digest) in files.items():
         _check_file(path, name, size, digest)
@@ -237,7 +237,11 @@ def _check_file(path: Path, name: str, size: int, digest: str) -> None:
     if f.stat().st_size != size:
         raise CheckpointError(f"{path}: {name} has {f.stat().st_size} bytes, its manifest says {size} (truncated or "
                               "overwritten)")
-    if _verified_sha256(f) != digest:
+    try:
+        ok = _verified_sha256(f) == digest
+    except OSError as e:  # e.g. EIO from a bad sector: as damaged as a wrong byte
+        raise CheckpointError(f"{path}: {name} unreadable ({e})") from None
+    if not ok:
         raise CheckpointError(f"{path}: {name} fails its sha256 checksum (damaged)")
 
 
