@@ -120,6 +120,38 @@ def test_sft_warm_up_on_traces_lowers_the_response_loss(tiny_qwen2, hf_tok, gsm8
     assert rows[-1]["sft/loss"] < rows[0]["sft/loss"] - 0.2
 
 
+class RecordingSandbox:
+    """Stands in for the sandbox pool: records each run_batch call and answers every test with ``status``."""
+
+    def __init__(self, status):
+        self.status, self.calls = status, []
+
+    def run_batch(self, requests, checker=None):
+        from k15sys.sandbox import RunResult
+
+        self.calls.append(list(requests))
+        return [[RunResult(self.status, stderr="no bwrap") for _ in r.tests] for r in requests]
+
+    def close(self):
+        pass
+
+
+def test_code_rewards_are_one_batch_and_a_broken_sandbox_is_an_error(tmp_path, hf_tok):
+    from k15sys.sandbox import Status
+
+    path = write_jsonl(tmp_path / "code.jsonl", mbpp_rows(0, 3))
+    task = JsonlTask(str(path), str(path), hf_tok, code_timeout_s=2.0)
+    task._sandbox = RecordingSandbox(Status.OK)
+    responses = [hf_tok.encode(f"```python\ndef f{i}(): pass\n```", eos=True) for i in range(6)]
+    assert task.reward([*task.train, *task.train], responses) == [1.0] * 6
+    (requests,) = task._sandbox.calls  # the six programs in one call, not one at a time
+    assert [r.program for r in requests] == [f"def f{i}(): pass" for i in range(6)]
+    assert all(r.language == "python" and r.limits.wall_s == 2.0 and len(r.tests) == 3 for r in requests)
+    task._sandbox = RecordingSandbox(Status.SANDBOX_ERROR)
+    with pytest.raises(RuntimeError, match="the sandbox ran none of 6 programs: no bwrap"):
+        task.reward([*task.train, *task.train], responses)
+
+
 @requires_sandbox
 def test_code_rewards_run_a_batch_of_programs_in_the_sandbox(tmp_path, hf_tok):
     rows = mbpp_rows(0, 2)

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from typing import Protocol, runtime_checkable
+from typing import Protocol
 
 # (token ids of prompt + response, prompt length, per-token target flags or None = every response token)
-SFTBatch = tuple[list[list[int]], list[int], "list[list[bool]] | None"]
+SFTBatch = tuple[list[list[int]], list[int], list[list[bool]] | None]
 
 
-@runtime_checkable
 class Tokenizer(Protocol):
     """Text <-> token ids with the fixed ids the trainer uses (pad for packing, eos for stopping)."""
 
@@ -45,7 +44,6 @@ class Item(Protocol):
     difficulty: float
 
 
-@runtime_checkable
 class Task(Protocol):
     """A verifiable task (paper 2.2): problems, their prompts, the reward of responses, warm-up examples.
 

@@ -194,7 +194,12 @@ class JsonlTask:
         if code:
             requests = [RunRequest(extract_program(texts[i], items[i].language), items[i].language,
                                    tuple(to_test_cases(items[i].tests, items[i].language)), self.limits) for i in code]
-            for i, results in zip(code, self.sandbox().run_batch(requests)):
+            batch = self.sandbox().run_batch(requests)  # all programs at once, spread over the sandbox's workers
+            broken = [r for results in batch for r in results if r.status == Status.SANDBOX_ERROR]
+            if len(broken) == sum(map(len, batch)):  # nothing ran: a broken sandbox must not read as wrong programs
+                raise RuntimeError(f"code rewards: the sandbox ran none of {len(requests)} programs: "
+                                   f"{broken[0].stderr[:300]} (docs/sandbox.md: bubblewrap and user namespaces)")
+            for i, results in zip(code, batch):
                 out[i] = sum(r.status == Status.OK for r in results) / len(results)
         return out
 
