@@ -31,25 +31,26 @@ def _add_rmsnorm_kernel(X, DELTA, W, Y, eps, N, s_x, s_d, s_y, HAS_DELTA: tl.con
 
 @triton.jit
 def _rope_store_kernel(Q, K, V, COS, SIN, POS, SLOTS, KC, VC, s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_cos, s_ct, s_ch,
-                       HQ, HKV, H_PAD: tl.constexpr, HALF: tl.constexpr):
+                       HQ, HKV, H_PAD: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     pos = tl.load(POS + t).to(tl.int64)
     slot = tl.load(SLOTS + t).to(tl.int64)
     offs_h = tl.arange(0, H_PAD)
-    offs_d = tl.arange(0, HALF)
-    c1 = tl.load(COS + pos * s_cos + offs_d).to(tl.float32)[None, :]
-    c2 = tl.load(COS + pos * s_cos + HALF + offs_d).to(tl.float32)[None, :]
-    s1 = tl.load(SIN + pos * s_cos + offs_d).to(tl.float32)[None, :]
-    s2 = tl.load(SIN + pos * s_cos + HALF + offs_d).to(tl.float32)[None, :]
+    offs_d = tl.arange(0, HALF_PAD)
+    dm = offs_d < HALF  # half head dims padded to a power of two are masked
+    c1 = tl.load(COS + pos * s_cos + offs_d, mask=dm, other=0.0).to(tl.float32)[None, :]
+    c2 = tl.load(COS + pos * s_cos + HALF + offs_d, mask=dm, other=0.0).to(tl.float32)[None, :]
+    s1 = tl.load(SIN + pos * s_cos + offs_d, mask=dm, other=0.0).to(tl.float32)[None, :]
+    s2 = tl.load(SIN + pos * s_cos + HALF + offs_d, mask=dm, other=0.0).to(tl.float32)[None, :]
     # queries: rotated in place
-    qm = (offs_h < HQ)[:, None]
+    qm = (offs_h < HQ)[:, None] & dm[None, :]
     qp = Q + t * s_qt + offs_h[:, None] * s_qh + offs_d[None, :]
     q1 = tl.load(qp, mask=qm, other=0.0)
     q2 = tl.load(qp + HALF, mask=qm, other=0.0)
     tl.store(qp, (q1.to(tl.float32) * c1 - q2.to(tl.float32) * s1).to(q1.dtype), mask=qm)
     tl.store(qp + HALF, (q2.to(tl.float32) * c2 + q1.to(tl.float32) * s2).to(q1.dtype), mask=qm)
     # keys: rotated into the cache slot; values: copied there
-    km = (offs_h < HKV)[:, None]
+    km = (offs_h < HKV)[:, None] & dm[None, :]
     kp = K + t * s_kt + offs_h[:, None] * s_kh + offs_d[None, :]
     k1 = tl.load(kp, mask=km, other=0.0)
     k2 = tl.load(kp + HALF, mask=km, other=0.0)

@@ -87,14 +87,15 @@ def paged_decode_attention(
         return _torch_paged(q, k_cache, v_cache, block_tables, seq_lens, scale)
     if q.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError("backend: 'triton' needs CUDA tensors, or TRITON_INTERPRET=1 for the CPU interpreter")
-    if D & (D - 1) or D < 16:
-        raise ValueError(f"q: head dim {D} must be a power of two >= 16 for the triton backend (or backend='torch')")
+    if D > 256:
+        raise ValueError(f"q: head dim {D} is not supported by the triton backend (at most 256; or backend='torch')")
     splits = splits if splits is not None else default_splits(B, HKV, q.device)
     if splits < 1 or splits & (splits - 1):
         raise ValueError(f"splits: must be a power of two >= 1, got {splits}")
     from k15sys.kernels.paged_attention import _combine_kernel, _paged_decode_kernel
 
     group = HQ // HKV
+    d_pad = max(16, 1 << (D - 1).bit_length())
     page = k_cache.shape[1]
     block_n = 64 if q.device.type == "cuda" else 16
     q = q.contiguous()
@@ -105,8 +106,8 @@ def paged_decode_attention(
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         o_part.stride(0), o_part.stride(1), o_part.stride(2),
         GROUP=group, GROUP_PAD=max(16, 1 << (group - 1).bit_length()), PAGE=page, BLOCK_N=block_n, D=D,
-        IEEE=q.dtype == torch.float32, num_warps=4, num_stages=2)
+        D_PAD=d_pad, IEEE=q.dtype == torch.float32, num_warps=4, num_stages=2)
     out = torch.empty_like(q)
     _combine_kernel[(B * HQ,)](o_part, lse_part, out, o_part.stride(0), o_part.stride(1), o_part.stride(2),
-                               out.stride(0), out.stride(1), HQ, SPLITS=splits, D=D, num_warps=4)
+                               out.stride(0), out.stride(1), HQ, SPLITS=splits, D=D, D_PAD=d_pad, num_warps=4)
     return out

@@ -121,6 +121,7 @@ class _Decoder:
         h = torch.empty_like(x)
         block = 1 << (x.shape[1] - 1).bit_length()
         hq_pad = 1 << (max(self.num_heads, self.num_kv_heads) - 1).bit_length()
+        half_pad = 1 << (self.head_dim // 2 - 1).bit_length()
         cos, sin = rope
 
         def norm(delta: torch.Tensor | None, module: torch.nn.Module) -> None:
@@ -142,7 +143,7 @@ class _Decoder:
             _rope_store_kernel[(T,)](q, k, v, cos, sin, pos, slots, kc, vc, q.stride(0), q.stride(1), k.stride(0),
                                      k.stride(1), v.stride(0), v.stride(1), cos.stride(0), kc.stride(0), kc.stride(1),
                                      self.num_heads, self.num_kv_heads, H_PAD=hq_pad, HALF=self.head_dim // 2,
-                                     num_warps=4)
+                                     HALF_PAD=half_pad, num_warps=4)
             delta = a.o_proj(attend(q, k, v, i).reshape(T, -1))
             norm(delta, layer.post_attention_layernorm)
             gu = torch.nn.functional.linear(h, w_gu, b_gu)
@@ -298,8 +299,8 @@ class PagedEngine:
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
         self.attention_backend = attention_backend
         self.fused_kernels = self.device.type == "cuda" if fused_kernels is None else bool(fused_kernels)
-        if self.decoder.head_dim % 2 or self.decoder.head_dim & (self.decoder.head_dim - 1):
-            self.fused_kernels = False  # the rotary kernel reads power-of-two head halves
+        if self.decoder.head_dim % 2:
+            self.fused_kernels = False  # the rotary kernel reads two head halves
         if self.fused_kernels:
             self.decoder.fuse_projections()
         self.share_prefixes = share_prefixes
