@@ -83,8 +83,12 @@ def build_lm(cfg: ModelConfig, tok: CharTokenizer | HFTokenizer, device: torch.d
                          pad_token_id=tok.pad_token_id)
         if dtype != torch.float32:
             lm = lm.to(dtype)
-    if cfg.gradient_checkpointing:
-        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.gradient_checkpointing:  # transformers >= 5.24 names it activation checkpointing
+        enable = getattr(lm, "activation_checkpointing_enable", None)
+        if enable is not None:
+            enable({"use_reentrant": False})
+        else:
+            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return lm
 
 
