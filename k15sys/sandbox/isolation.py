@@ -31,7 +31,13 @@ from k15sys.sandbox.cgroup import Cgroup, tree
 NOBODY = 65534
 SANDBOX_PATH = "/usr/local/bin:/usr/bin:/bin"
 _MAX_REPLY = 256 << 20
-_ZYGOTE_SOURCE = (Path(__file__).with_name("zygote.py")).read_text()
+_JUDGE_MODULE = "k15sys_sandbox_judge"  # the name zygote.py imports the judge by inside the container
+_ZYGOTE_SOURCE = (
+    f"import sys as _sys, types as _types\n_m = _types.ModuleType({_JUDGE_MODULE!r})\n"
+    f"exec(compile({Path(__file__).with_name('judge.py').read_text()!r}, 'judge.py', 'exec'), _m.__dict__)\n"
+    f"_sys.modules[{_JUDGE_MODULE!r}] = _m\ndel _m, _sys, _types\n"
+    + Path(__file__).with_name("zygote.py").read_text()
+)
 _serial = itertools.count()
 
 

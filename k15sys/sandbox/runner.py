@@ -85,13 +85,14 @@ def classify(fact: dict[str, Any]) -> Status:
     """The status of one execution from what the sandbox observed: the limit the zygote enforced,
     OOM kills in the execution's cgroup (``oom_kills``), CPU time over the limit (``cpu_over``), the
     exit status, and for an assert test (``token`` set) the judge's verdict carrying that token.
-    Nothing the program prints is read."""
+    Nothing the program prints is read. An OOM kill wins over a limit hit afterwards (the processes left
+    may then time out)."""
+    if fact.get("oom_kills"):
+        return Status.MEMORY
     if fact.get("limit") in ("timeout", "cpu"):
         return Status.TIMEOUT
     if fact.get("limit") == "output":
         return Status.OUTPUT_LIMIT
-    if fact.get("oom_kills"):
-        return Status.MEMORY
     code = fact.get("exit_code")
     if code is None:
         return Status.SANDBOX_ERROR

@@ -1,7 +1,7 @@
 """The zygote: a pre-started Python process inside each sandbox container (paper 2.6.4).
 
-Runs as ``python3 -I -c <this source> <config JSON>``, pid 1 of a bubblewrap container (standard
-library only: it never imports k15sys). It reads jobs from fd 0 and answers on fd 1 (4-byte big-endian
+Runs as ``python3 -I -c <judge.py registered as a module + this source> <config JSON>``, pid 1 of a
+bubblewrap container (standard library only: it never imports k15sys there). It reads jobs from fd 0 and answers on fd 1 (4-byte big-endian
 length + JSON; program outputs and stdin travel base64-encoded). A job is one program and a list of
 runs (``stdin``; for Python assert tests, the ``test`` code and a per-run ``token``); C++ is compiled
 once first.
@@ -15,22 +15,21 @@ nothing of any job reaches an execution's memory:
       │  └─ A: setsid; unshare(user, pid, mount, ipc); maps its own uid; forks B, reports B, exits
       └─ B (reparented to the zygote): pid 1 of the new pid namespace; fresh /proc; waits for the
          │  step (argv and limits only); then a sized tmpfs on /tmp and /dev/shm, /job read-only
-         ├─ D, the judge (assert tests only): no capability, not dumpable, outside the execution's
-         │  cgroup; receives the test code and the token from the zygote on its own pipe, runs the
-         │  test against the program over a socket (plain data only) and sends the verdict with the
-         │  token on a pipe only it holds
-         └─ C: joins the execution's cgroup (1-CPU quota, memory limit), drops every capability,
-            sets rlimits, stdin/stdout/stderr, cwd /tmp; runs the Python program in this
-            pre-initialised interpreter (then serves D's calls) or execve's the binary / compiler.
-            B reports C's wait status on a pipe.
+         ├─ D, the judge (assert tests only, ``judge.py``): no capability, not dumpable; receives the
+         │  test code and the token from the zygote on its own pipe, runs the test against the
+         │  program over a socket (plain data only) and sends the verdict with the token on a pipe
+         │  only it holds
+         └─ C: drops every capability, sets rlimits, stdin/stdout/stderr, cwd /tmp; runs the Python
+            program in this pre-initialised interpreter (then serves D's calls) or execve's the
+            binary / compiler. B reports C's wait status on a pipe.
 
-The zygote enforces wall time, output size and (with cgroups) the CPU time of the whole execution,
-read from its cgroup, and kills B at a limit: the kernel then kills every process in B's pid namespace.
+With cgroups, the template sits in the execution's group (1-CPU quota, memory limit), so A, B, C and D
+are born there. The zygote enforces wall time, output size and the CPU time of the whole execution,
+read from that group, and kills B at a limit: the kernel then kills every process in B's pid namespace.
 Programs cannot see or signal the zygote (separate pid namespace, own session), cannot open its, B's
 or D's descriptors through /proc (not dumpable, no capabilities), and inherit none of their descriptors.
 """
 import base64
-import builtins
 import ctypes
 import gc
 import json
@@ -44,6 +43,11 @@ import sys
 import time
 import types
 
+try:  # in the container the launcher registers judge.py's source under this name (stdlib only there)
+    import k15sys_sandbox_judge as judge
+except ImportError:  # on the host
+    from k15sys.sandbox import judge
+
 LIBC = ctypes.CDLL(None, use_errno=True)
 CLONE_NEWNS, CLONE_NEWIPC, CLONE_NEWUSER, CLONE_NEWPID = 0x20000, 0x08000000, 0x10000000, 0x20000000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT, MS_BIND = 1, 2, 4, 8, 32, 4096
@@ -53,9 +57,7 @@ PRELOAD = ("collections", "itertools", "functools", "math", "re", "heapq", "bise
            "random", "fractions", "decimal", "threading", "traceback", "io", "atexit", "builtins", "types",
            "resource")
 JOB_DIR = "/job"
-RPC_FD = 3             # the program's end of the judge's socket
-MAX_MESSAGE = 16 << 20  # one value between the program and its judge
-MAX_DEPTH = 200         # nesting of such a value
+RPC_FD = 3  # the program's end of the judge's socket
 CHAIN_FDS = ("go", "out", "err", "status", "judge", "verdict")  # zygote-side ends, in this order
 
 
@@ -124,207 +126,11 @@ def _read_exact(fd, n):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Plain data between the program (C) and its judge (D): None, bool, int, float, str, bytes, list, tuple,
-# dict, set, frozenset, checked recursively; anything else the program returns stays in C and D gets a
-# handle to it. JSON with tagged containers: never pickle, never code.
-
-def _encode(value, handles=None, depth=0):
-    """In C (``handles`` = its table: non-plain objects become handles) or in D (``handles`` None: only
-    plain data and D's handles to C's objects may be sent)."""
-    if depth > MAX_DEPTH:
-        raise ValueError("value nested deeper than %d" % MAX_DEPTH)
-    t = type(value)
-    if value is None or t is bool or t is int or t is float or t is str:
-        return value
-    if isinstance(value, Remote):
-        return {"h": object.__getattribute__(value, "_id")}
-    if handles is None and t not in (bytes, list, tuple, dict, set, frozenset):
-        raise TypeError("cannot pass a %s to the program (plain data only)" % t.__name__)
-    # in C, subclasses of plain types are read as their plain value (the program controls them anyway)
-    if isinstance(value, bool):
-        return bool(value)
-    if isinstance(value, int):
-        return int.__int__(value)
-    if isinstance(value, float):
-        return float.__float__(value)
-    if isinstance(value, str):
-        return str.__str__(value)
-    if isinstance(value, (bytes, bytearray)):
-        return {"b": base64.b64encode(bytes(value)).decode("ascii")}
-    nested = lambda items: [_encode(v, handles, depth + 1) for v in items]  # noqa: E731
-    if isinstance(value, list):
-        return nested(list.__iter__(value))
-    if isinstance(value, tuple):
-        return {"t": nested(tuple.__iter__(value))}
-    if isinstance(value, frozenset):
-        return {"f": nested(frozenset.__iter__(value))}
-    if isinstance(value, set):
-        return {"s": nested(set.__iter__(value))}
-    if isinstance(value, dict):
-        return {"d": [[_encode(k, handles, depth + 1), _encode(v, handles, depth + 1)]
-                      for k, v in dict.items(value)]}
-    handles[len(handles) + 1] = value
-    return {"h": len(handles)}
-
-
-def _decode(obj, resolve, depth=0):
-    """Rebuild plain data from ``_encode``'s form; ``resolve(id)`` turns a handle into an object."""
-    if depth > MAX_DEPTH:
-        raise ValueError("value nested deeper than %d" % MAX_DEPTH)
-    t = type(obj)
-    if obj is None or t is bool or t is int or t is float or t is str:
-        return obj
-    if t is list:
-        return [_decode(v, resolve, depth + 1) for v in obj]
-    if t is dict and len(obj) == 1:
-        (tag, body), = obj.items()
-        if tag == "h" and type(body) is int:
-            return resolve(body)
-        if tag == "b" and type(body) is str:
-            return base64.b64decode(body, validate=True)
-        if type(body) is list:
-            if tag == "t":
-                return tuple(_decode(v, resolve, depth + 1) for v in body)
-            if tag == "s":
-                return set(_decode(v, resolve, depth + 1) for v in body)
-            if tag == "f":
-                return frozenset(_decode(v, resolve, depth + 1) for v in body)
-            if tag == "d":
-                return {_decode(k, resolve, depth + 1): _decode(v, resolve, depth + 1) for k, v in body}
-    raise ValueError("not plain data: %r" % (obj,))
-
-
-class Channel:
-    """Length-prefixed JSON messages on a stream socket, bounded in size."""
-
-    def __init__(self, sock):
-        self.sock = sock
-
-    def send(self, obj):
-        data = json.dumps(obj).encode()
-        if len(data) > MAX_MESSAGE:
-            raise ValueError("message of %d bytes (limit %d)" % (len(data), MAX_MESSAGE))
-        self.sock.sendall(struct.pack(">I", len(data)) + data)
-
-    def recv(self):
-        head = self._exact(4)
-        if head is None:
-            return None
-        size = struct.unpack(">I", head)[0]
-        if size > MAX_MESSAGE:
-            raise ValueError("message of %d bytes (limit %d)" % (size, MAX_MESSAGE))
-        data = self._exact(size)
-        return None if data is None else json.loads(data)
-
-    def _exact(self, n):
-        buf = bytearray(n)
-        view, pos = memoryview(buf), 0
-        while pos < n:
-            got = self.sock.recv_into(view[pos:])
-            if not got:
-                return None
-            pos += got
-        return bytes(buf)
-
-
-# ---------------------------------------------------------------------------------------------------
-# D, the judge: runs the test code against proxies of the program's names.
-
-class ProgramGone(BaseException):
-    """The program exited or died during a call: the test cannot pass (not an ``Exception``, so a test's
-    ``except Exception`` does not swallow it)."""
-
-
-class Remote:
-    """D's handle to an object that stays in the program's process; every use is a call over the socket."""
-
-    __slots__ = ("_id",)
-    channel = None  # set by the judge
-    gone = False    # the program exited during a call: the test fails even if it caught that
-
-    def __init__(self, ident):
-        object.__setattr__(self, "_id", ident)
-
-    def _ask(self, op, **extra):
-        extra.update(op=op, h=object.__getattribute__(self, "_id"))
-        Remote.channel.send(extra)
-        reply = Remote.channel.recv()
-        if reply is None:
-            Remote.gone = True
-            raise ProgramGone("the program exited during the test")
-        if "v" in reply:
-            return _decode(reply["v"], Remote)
-        if "e" in reply:
-            name, message = reply["e"]
-            kind = getattr(builtins, str(name), None)
-            if isinstance(kind, type) and issubclass(kind, Exception):
-                raise kind(message)
-            raise RuntimeError("the program raised %s: %s" % (name, message))
-        Remote.gone = True
-        raise ProgramGone("the program exited (%s) during the test" % reply.get("x"))
-
-    def __call__(self, *args, **kwargs):
-        return self._ask("call", a=_encode(list(args)), k=_encode(kwargs))
-
-    def __getattr__(self, name):
-        if name.startswith("__"):
-            raise AttributeError(name)
-        return self._ask("getattr", n=name)
-
-    def __iter__(self):
-        return iter(self._ask("list"))
-
-    def __len__(self):
-        return self._ask("len")
-
-    def __getitem__(self, key):
-        return self._ask("getitem", i=_encode(key))
-
-    def __contains__(self, item):
-        return self._ask("contains", i=_encode(item))
-
-    def __str__(self):
-        return self._ask("str")
-
-    def __bool__(self):
-        return self._ask("bool")
-
-    def __repr__(self):
-        return "<object #%d of the program>" % object.__getattribute__(self, "_id")
-
-
-def _judge(test, sock):
-    """Run the test code against the program; returns (passed, message)."""
-    import importlib
-    import traceback
-
-    Remote.channel = channel = Channel(sock)
-    try:
-        hello = channel.recv()
-        if hello is None:
-            return False, "the program exited before its tests ran"
-        if not hello.get("ok"):
-            return False, str(hello.get("why"))[:2000]
-        namespace = {"__name__": "__main__", "__builtins__": builtins}
-        for name, entry in hello["names"].items():
-            if "m" in entry:  # a module: the judge's own copy
-                try:
-                    namespace[name] = importlib.import_module(entry["m"])
-                except Exception:
-                    pass
-            else:
-                namespace[name] = _decode(entry["v"], Remote)
-        exec(compile(test, "<test>", "exec"), namespace)
-        if Remote.gone:
-            return False, "the program exited during the test (the test caught it)"
-        return True, ""
-    except BaseException as e:
-        lines = traceback.format_exception(type(e), e, e.__traceback__)
-        return False, "".join(lines[-6:])[-4000:]
-
+# D, the judge, and C, the program.
 
 def _run_judge(step, fds, sock):
-    """D: never returns."""
+    """D (``judge.run_test``): no capability, the program's rlimits, no descriptor but its pipes and
+    socket; the verdict carries the token only the zygote gave it. Never returns."""
     try:
         _close_all_but([fds["judge"], fds["verdict"], sock.fileno()])
         null = os.open("/dev/null", os.O_RDWR)
@@ -333,17 +139,14 @@ def _run_judge(step, fds, sock):
         os.chdir("/")
         _drop_capabilities()
         _set_limits(step["limits"], step["address_space_mb"])
-        payload = json.loads(_read_all(fds["judge"], MAX_MESSAGE))
-        passed, message = _judge(payload["test"], sock)
+        payload = json.loads(_read_all(fds["judge"], judge.MAX_MESSAGE))
+        passed, message = judge.run_test(payload["test"], sock)
         verdict = {"token": payload["token"], "passed": passed, "message": message}
         os.write(fds["verdict"], json.dumps(verdict).encode())
     except BaseException:
         pass
     os._exit(0)
 
-
-# ---------------------------------------------------------------------------------------------------
-# C, the program.
 
 def _exit_code_of(exc):
     """Python's own rule for ``SystemExit(code)``."""
@@ -357,65 +160,6 @@ def _exit_code_of(exc):
     except Exception:
         pass
     return 1
-
-
-def _apply(request, handles):
-    """One call of the judge on the program's objects (in C)."""
-    resolve = handles.__getitem__
-    target = resolve(request["h"])
-    op = request["op"]
-    if op == "call":
-        args = _decode(request["a"], resolve)
-        kwargs = _decode(request["k"], resolve)
-        return target(*args, **kwargs)
-    if op == "getattr":
-        return getattr(target, request["n"])
-    if op == "list":
-        return list(target)
-    if op == "len":
-        return len(target)
-    if op == "getitem":
-        return target[_decode(request["i"], resolve)]
-    if op == "contains":
-        return _decode(request["i"], resolve) in target
-    if op == "str":
-        return str(target)
-    if op == "bool":
-        return bool(target)
-    raise ValueError("unknown operation %r" % (op,))
-
-
-def _serve(namespace, failure):
-    """After the program's top level: answer the judge's calls until it closes the socket."""
-    channel = Channel(socket.socket(fileno=RPC_FD))
-    if failure:
-        channel.send({"ok": False, "why": failure})
-        return
-    handles = {}
-    names = {}
-    for name, value in list(namespace.items()):
-        if name.startswith("__"):
-            continue
-        if isinstance(value, types.ModuleType):
-            names[name] = {"m": str(value.__name__)}
-            continue
-        try:
-            names[name] = {"v": _encode(value, handles)}
-        except (ValueError, RecursionError):
-            handles[len(handles) + 1] = value
-            names[name] = {"v": {"h": len(handles)}}
-    channel.send({"ok": True, "names": names})
-    while True:
-        request = channel.recv()
-        if request is None:
-            return
-        try:
-            reply = {"v": _encode(_apply(request, handles), handles)}
-        except Exception as e:
-            reply = {"e": [type(e).__name__, str(e)[:2000]]}
-        except BaseException as e:  # SystemExit, KeyboardInterrupt inside a tested function
-            reply = {"x": type(e).__name__}
-        channel.send(reply)
 
 
 def _run_python(path, judged):
@@ -449,7 +193,7 @@ def _run_python(path, judged):
         failure = "the program raised %s before its tests ran" % type(e).__name__
     if judged:
         try:
-            _serve(main.__dict__, failure)
+            judge.serve(main.__dict__, failure, socket.socket(fileno=RPC_FD))
         except BaseException:
             code = code or 1
     try:
@@ -535,11 +279,11 @@ def _init(fds):
             os._exit(0)
         step = json.loads(request)
         _fresh_mounts(step)
-        judge, rpc = None, None
+        judge_pid, rpc = None, None
         if step["judged"]:
             rpc, theirs = socket.socketpair()
-            judge = os.fork()
-            if judge == 0:
+            judge_pid = os.fork()
+            if judge_pid == 0:
                 rpc.close()
                 _run_judge(step, fds, theirs)
             theirs.close()
@@ -550,7 +294,7 @@ def _init(fds):
             os.close(fd)
         if rpc is not None:
             rpc.close()
-        waiting, status = {c} | ({judge} if judge else set()), None
+        waiting, status = {c} | ({judge_pid} if judge_pid else set()), None
         while waiting:
             pid, st = os.wait()
             if pid == c:
