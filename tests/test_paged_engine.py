@@ -9,7 +9,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from k15sys.algo.sampling import CurriculumSampler
-from k15sys.rollout import PagedEngine, PartialRolloutScheduler, SamplingParams
+from k15sys.rollout import PagedEngine, PartialRolloutScheduler, RolloutEngine, SamplingParams
 from k15sys.rollout.paged_attention import paged_decode_attention
 from k15sys.rollout.torch_engine import _filtered_logprobs
 
@@ -33,6 +33,15 @@ def _llama(seed: int = 1) -> torch.nn.Module:
     return LlamaForCausalLM(cfg).eval()
 
 
+def _qwen3(seed: int = 2) -> torch.nn.Module:
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = Qwen3Config(vocab_size=83, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=16, max_position_embeddings=256)
+    return Qwen3ForCausalLM(cfg).eval()
+
+
 def _hf_greedy(model, prompt: list[int], n: int, stop: int | None = None) -> list[int]:
     ids = torch.tensor([prompt])
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
@@ -48,11 +57,12 @@ def _engine(model, **kw) -> PagedEngine:
     return PagedEngine(model, **kw)
 
 
-@pytest.mark.parametrize("build", [_qwen2, _llama], ids=["qwen2", "llama"])
+@pytest.mark.parametrize("build", [_qwen2, _llama, _qwen3], ids=["qwen2", "llama", "qwen3"])
 def test_greedy_equals_transformers_generate(build):
     model = build()
     # two sequences at a time: the later prompts join as the first ones finish (continuous batching)
     eng = _engine(model, max_num_seqs=2)
+    assert isinstance(eng, RolloutEngine)
     outs = eng.generate(PROMPTS, SamplingParams(21, temperature=0))
     for p, o in zip(PROMPTS, outs):
         assert o.token_ids == _hf_greedy(model, p, 21)
@@ -211,7 +221,7 @@ def test_paged_decode_attention_matches_float64(backend, d):
         paged_decode_attention(q.to(dev), kc.to(dev), vc.to(dev), bt.to(dev), lens.to(dev), splits=3, backend="triton")
 
 
-@pytest.mark.parametrize("build", [_qwen2, _llama], ids=["qwen2", "llama"])
+@pytest.mark.parametrize("build", [_qwen2, _llama, _qwen3], ids=["qwen2", "llama", "qwen3"])
 def test_engine_with_triton_kernels_on_interpreter(build):
     """Decode attention, fused norms and rotary / cache writes as Triton kernels (the CUDA path, without graphs)."""
     if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
