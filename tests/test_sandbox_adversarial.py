@@ -260,6 +260,8 @@ FAKE_PASSES = {
     "system_exit_at_top_level": "raise SystemExit",
     "system_exit_in_the_function": "def add(a, b):\n    raise SystemExit(0)",
     "os_exit_in_the_function": "import os\ndef add(a, b):\n    os._exit(0)",
+    # redefining a builtin the test uses (the test below compares sorted(...))
+    "shadow_a_builtin": "def sorted(x):\n    return 0\ndef add(a, b):\n    return 0",
     # a test that expects an exception with a bare except must not take an exit for one
     "exit_caught_by_the_test": "import os\ndef add(a, b):\n    os._exit(0) if a < 0 else None",
     "always_equal": "class Any:\n    def __eq__(self, other):\n        return True\n    __hash__ = object.__hash__\n"
@@ -281,6 +283,8 @@ def test_fake_passes_fail(sb, name):
     the expected value from its own file, frames or memory: none of them passes an assert test."""
     expected = f"k15exp-{uuid.uuid4().hex}"
     tests = [f"assert add(1, 2) == '{expected}'", "assert add(2, 2) == 4"]
+    if name == "shadow_a_builtin":
+        tests = [f"assert sorted([add(1, 2)]) == sorted(['{expected}'])", "assert sorted([add(2, 2)]) == sorted([4])"]
     if name == "exit_caught_by_the_test":
         tests = ["try:\n    add(-1, 0)\nexcept:\n    pass\nelse:\n    assert False"] * 2
     rs = run_tests(FAKE_PASSES[name], tests, timeout_s=10.0, sandbox=sb)

@@ -117,3 +117,9 @@ def test_an_exit_during_a_call_fails_even_if_the_test_catches_it():
 
     passed, message = _judged({"f": leave}, "try:\n    f()\nexcept BaseException:\n    pass")
     assert not passed and "exited" in message
+
+
+def test_program_names_cannot_shadow_the_tests_builtins():
+    names = {"f": lambda: [3, 1], "sorted": lambda *_: 0, "len": lambda *_: 3}
+    assert not _judged(names, "assert sorted(f()) == sorted([2, 1, 3])")[0]  # 0 == 0 with the program's sorted
+    assert _judged(names, "assert sorted(f()) == [1, 3] and len(f()) == 2")[0]
