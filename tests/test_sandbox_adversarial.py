@@ -262,6 +262,11 @@ FAKE_PASSES = {
     "os_exit_in_the_function": "import os\ndef add(a, b):\n    os._exit(0)",
     # redefining a builtin the test uses (the test below compares sorted(...))
     "shadow_a_builtin": "def sorted(x):\n    return 0\ndef add(a, b):\n    return 0",
+    # answering for the test's math.isclose, or for `expected in result`
+    "fake_math_module": "class M:\n    def isclose(self, *a, **k):\n        return True\nmath = M()\n"
+                        "def add(a, b):\n    return 0.0",
+    "contains_everything": "class All:\n    def __contains__(self, x):\n        return True\n"
+                           "def add(a, b):\n    return All()",
     # a test that expects an exception with a bare except must not take an exit for one
     "exit_caught_by_the_test": "import os\ndef add(a, b):\n    os._exit(0) if a < 0 else None",
     "always_equal": "class Any:\n    def __eq__(self, other):\n        return True\n    __hash__ = object.__hash__\n"
@@ -285,11 +290,15 @@ def test_fake_passes_fail(sb, name):
     tests = [f"assert add(1, 2) == '{expected}'", "assert add(2, 2) == 4"]
     if name == "shadow_a_builtin":
         tests = [f"assert sorted([add(1, 2)]) == sorted(['{expected}'])", "assert sorted([add(2, 2)]) == sorted([4])"]
+    if name == "fake_math_module":
+        tests = ["assert math.isclose(add(2, 2), 4.0)", "assert math.isclose(add(3, 4), 7.0)"]
+    if name == "contains_everything":
+        tests = [f"assert '{expected}' in add(1, 2)", "assert add(2, 2) == 4"]
     if name == "exit_caught_by_the_test":
         tests = ["try:\n    add(-1, 0)\nexcept:\n    pass\nelse:\n    assert False"] * 2
     rs = run_tests(FAKE_PASSES[name], tests, timeout_s=10.0, sandbox=sb)
     assert [r.status for r in rs] == [Status.RUNTIME_ERROR] * 2, [(r.status, r.stderr[-300:]) for r in rs]
-    honest = f"def add(a, b):\n    if a < 0:\n        raise ValueError(a)\n    return '{expected}' if (a, b) == (1, 2) else a + b"
+    honest = f"import math\ndef add(a, b):\n    if a < 0:\n        raise ValueError(a)\n    return '{expected}' if (a, b) == (1, 2) else a + b"
     assert code_reward(honest, tests, sandbox=sb) == 1.0  # the same tests can pass
 
 

@@ -123,3 +123,21 @@ def test_program_names_cannot_shadow_the_tests_builtins():
     names = {"f": lambda: [3, 1], "sorted": lambda *_: 0, "len": lambda *_: 3}
     assert not _judged(names, "assert sorted(f()) == sorted([2, 1, 3])")[0]  # 0 == 0 with the program's sorted
     assert _judged(names, "assert sorted(f()) == [1, 3] and len(f()) == 2")[0]
+
+
+def test_program_cannot_answer_for_the_tests_modules_or_membership():
+    class Yes:
+        def isclose(self, *args, **kwargs):
+            return True
+
+        def __contains__(self, item):
+            return True
+
+        def __iter__(self):
+            return iter([1, 2])
+
+    names = {"math": Yes(), "f": lambda: 0.5, "g": lambda: Yes()}
+    assert not _judged(names, "assert math.isclose(f(), 0.25)")[0]  # the judge's own math
+    assert _judged(names, "assert math.isclose(f(), 0.5)")[0]
+    assert not _judged(names, "assert 7 in g()")[0]  # membership over the values it yields, decided here
+    assert _judged(names, "assert 2 in g()")[0]

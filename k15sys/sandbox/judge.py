@@ -7,8 +7,8 @@ Standard library only: this module also runs inside the sandbox container, where
 An assert test runs in the *judge* (D), a process beside the program (C) that the program cannot
 read or trace. After the program's top level, C sends its names: modules by name, plain values,
 handles for everything else. D runs the test code against :class:`Remote` proxies of those names;
-every use of a proxy (call, attribute, iteration, ``len``, index, ``in``, ``str``, ``bool``) is one
-message to C (:func:`serve`), answered with plain data (:func:`encode`: None, bool, int, float, str,
+every use of a proxy (call, attribute, iteration, ``len``, index, ``str``, ``bool``; ``in`` iterates
+here, so the item is never sent) is one message to C (:func:`serve`), answered with plain data (:func:`encode`: None, bool, int, float, str,
 bytes, list, tuple, dict, set, frozenset, checked recursively; JSON with tagged containers, never
 pickle, never code) or a new handle. D compares genuine built-in objects itself, so the program's
 ``__eq__`` never runs in D, and the test text and expected values never reach C.
@@ -18,6 +18,7 @@ import builtins
 import importlib
 import json
 import struct
+import sys
 import traceback
 import types
 
@@ -173,8 +174,8 @@ class Remote:
     def __getitem__(self, key):
         return self._ask("getitem", i=encode(key))
 
-    def __contains__(self, item):
-        return self._ask("contains", i=encode(item))
+    def __contains__(self, item):  # decided here: the item (often the expected value) is not sent
+        return item in self._ask("list")
 
     def __str__(self):
         return self._ask("str")
@@ -202,6 +203,12 @@ def run_test(test, sock):
         for name, entry in hello["names"].items():
             if hasattr(builtins, name):  # the test's sorted/len/abs/... stay the judge's own
                 continue
+            if name in sys.stdlib_module_names:  # math.isclose in a test is the real one, whatever the program bound
+                try:
+                    namespace[name] = importlib.import_module(name)
+                    continue
+                except Exception:
+                    pass
             if "m" in entry:  # a module: the judge's own copy
                 try:
                     namespace[name] = importlib.import_module(entry["m"])
@@ -237,8 +244,6 @@ def _apply(request, handles):
         return len(target)
     if op == "getitem":
         return target[decode(request["i"], resolve)]
-    if op == "contains":
-        return decode(request["i"], resolve) in target
     if op == "str":
         return str(target)
     if op == "bool":
