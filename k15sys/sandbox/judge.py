@@ -8,10 +8,12 @@ An assert test runs in the *judge* (D), a process beside the program (C) that th
 read or trace. After the program's top level, C sends its names: modules by name, plain values,
 handles for everything else. D runs the test code against :class:`Remote` proxies of those names;
 every use of a proxy (call, attribute, iteration, ``len``, index, ``str``, ``bool``; ``in`` iterates
-here, so the item is never sent) is one message to C (:func:`serve`), answered with plain data (:func:`encode`: None, bool, int, float, str,
-bytes, list, tuple, dict, set, frozenset, checked recursively; JSON with tagged containers, never
-pickle, never code) or a new handle. D compares genuine built-in objects itself, so the program's
-``__eq__`` never runs in D, and the test text and expected values never reach C.
+here, so the item is never sent) is one message to C (:func:`serve`), answered with plain data
+(:func:`encode`: None, bool, int, float, str, bytes, list, tuple, dict, set, frozenset, checked
+recursively; JSON with tagged containers, never pickle, never code) or a new handle. D compares
+genuine built-in objects itself, so the program's ``__eq__`` never runs in D, and the test text and
+expected values never reach C (only the arguments of the calls the test makes). Names of built-ins
+and standard-library modules stay the judge's own, whatever the program bound to them.
 """
 import base64
 import builtins
@@ -223,7 +225,8 @@ def run_test(test, sock):
     except BaseException as e:  # where in the test, and what (the judge's own frames are left out)
         source = test.splitlines()
         where = ["test line %d: %s\n" % (f.lineno, source[f.lineno - 1].strip())
-                 for f in traceback.extract_tb(e.__traceback__) if f.filename == "<test>" and 0 < f.lineno <= len(source)]
+                 for f in traceback.extract_tb(e.__traceback__)
+                 if f.filename == "<test>" and 0 < f.lineno <= len(source)]
         return False, ("".join(where) + "".join(traceback.format_exception_only(type(e), e)))[-4000:]
 
 

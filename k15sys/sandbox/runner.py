@@ -18,7 +18,6 @@ import json
 import os
 import queue
 import secrets
-import threading
 import weakref
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor

@@ -1,10 +1,10 @@
 """The zygote: a pre-started Python process inside each sandbox container (paper 2.6.4).
 
 Runs as ``python3 -I -c <judge.py registered as a module + this source> <config JSON>``, pid 1 of a
-bubblewrap container (standard library only: it never imports k15sys there). It reads jobs from fd 0 and answers on fd 1 (4-byte big-endian
-length + JSON; program outputs and stdin travel base64-encoded). A job is one program and a list of
-runs (``stdin``; for Python assert tests, the ``test`` code and a per-run ``token``); C++ is compiled
-once first.
+bubblewrap container (standard library only: it never imports k15sys there). It reads jobs from fd 0
+and answers on fd 1 (4-byte big-endian length + JSON; program outputs and stdin travel
+base64-encoded). A job is one program and a list of runs (``stdin``; for Python assert tests, the
+``test`` code and a per-run ``token``); C++ is compiled once first.
 
 Every step runs in a fresh nested sandbox, so nothing survives from one execution to the next, and
 nothing of any job reaches an execution's memory:
