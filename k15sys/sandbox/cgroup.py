@@ -56,7 +56,7 @@ class Cgroup:
         self.home: Path | None = None  # where the container's own processes go (K, or K/zygote in v2)
         self.memory: Path | None = None
         self.cpu_usage: Path | None = None
-        self.cpu_quota: Path | None = None
+        self.note: str | None = None   # why the groups are not below the caller's (v2 only)
 
     @classmethod
     def create(cls, name: str, memory_bytes: int, pids_max: int) -> Cgroup:
@@ -79,15 +79,18 @@ class Cgroup:
         return d
 
     def _create_v2(self, name: str, memory_bytes: int, pids_max: int) -> None:
-        parent = ROOT / own_cgroup(None).lstrip("/")
-        needed = {"memory", "pids", "cpu"}
-        if not needed <= set((parent / "cgroup.controllers").read_text().split()):
-            raise OSError(f"cgroup v2: {parent} lacks the memory, pids and cpu controllers")
-        try:
-            _write(parent / "cgroup.subtree_control", "+memory +pids +cpu")
-        except OSError as e:  # a v2 cgroup with processes cannot hand controllers to children
-            raise OSError(f"cgroup v2: cannot delegate controllers below the caller's cgroup {parent}: {e} "
-                          "(run the host in a leaf cgroup of a delegated subtree)") from e
+        own = ROOT / own_cgroup(None).lstrip("/")
+        for parent in dict.fromkeys([own, ROOT]):
+            if not {"memory", "pids", "cpu"} <= set((parent / "cgroup.controllers").read_text().split()):
+                raise OSError(f"cgroup v2: {parent} lacks the memory, pids and cpu controllers")
+            try:
+                _write(parent / "cgroup.subtree_control", "+memory +pids +cpu")
+                break
+            except OSError as e:  # a non-root v2 cgroup holding processes cannot hand controllers down
+                if parent == ROOT:
+                    raise
+                self.note = (f"cgroup v2: not nested under the caller's cgroup {own} ({e}: it holds processes); "
+                             f"created under {ROOT}")
         k = self._mkdir(parent / f"{PREFIX}-{name}", True)
         _write(k / "memory.max", str(memory_bytes))
         if (k / "memory.swap.max").exists():
@@ -169,7 +172,7 @@ class Cgroup:
 def remove_stale() -> None:
     """Remove the empty groups that a killed host process (e.g. SIGKILLed) could not remove itself."""
     if is_v2():
-        bases = [ROOT / own_cgroup(None).lstrip("/")]
+        bases = [ROOT / own_cgroup(None).lstrip("/"), ROOT]
     else:
         bases = [(ROOT / c).resolve() / own_cgroup(c).lstrip("/") for c in ("memory", "pids", "cpu", "cpuacct")
                  if (ROOT / c).exists()]

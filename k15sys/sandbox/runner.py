@@ -159,7 +159,8 @@ class Sandbox:
         python: interpreter inside the container, a path under /usr (default: /usr/bin/python3, else
             /usr/local/bin/python3).
         cgroup: put each container in its own memory + pids cgroup when the host allows it (root);
-            ``cgroup_error`` says why not otherwise.
+            ``cgroup_error`` says why not otherwise; ``cgroup_note`` says when they could not be nested
+            under the caller's cgroup (cgroup v2, a caller's cgroup holding processes).
         container_memory_mb: memory of one container, all its processes together (default: twice the
             largest limit of ``limits`` / ``compile_limits`` + 256 MiB; raise it if calls pass larger
             ``limits``).
@@ -187,6 +188,7 @@ class Sandbox:
         self.container_memory_mb = container_memory_mb
         self.max_request_bytes = max_request_bytes
         self.cgroup_error: str | None = None
+        self.cgroup_note: str | None = None
         self._idle: queue.Queue[Container | None] = queue.Queue()
         self._threads = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="k15-sandbox")
         self._containers: list[Container] = []
@@ -207,6 +209,7 @@ class Sandbox:
             self.start_error = f"{type(e).__name__}: {e}"
             return None
         self.cgroup_error = c.cgroup_error
+        self.cgroup_note = c.cgroup.note if c.cgroup is not None else None
         self._containers.append(c)
         return c
 
