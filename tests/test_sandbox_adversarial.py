@@ -214,6 +214,18 @@ def test_a_killed_container_is_replaced():
     assert not s._containers
 
 
+def test_a_dead_template_ends_its_container_without_failing_a_run():
+    """If a container's template dies (only the OOM killer could do it), the run in flight still
+    completes with the chain already prepared, and the container is replaced before the next one."""
+    with Sandbox(LIMITS, workers=1) as s:
+        assert s.run("print(1)").status == Status.OK
+        zygote = tree(s._containers[0].proc.pid)[1]
+        children = [int(p) for p in Path(f"/proc/{zygote}/task/{zygote}/children").read_text().split()]
+        os.kill(min(children), 9)  # the template: the zygote's first child
+        assert [s.run(f"print({i})").stdout.strip() for i in range(3)] == ["0", "1", "2"]
+        _settled(s)
+
+
 def test_memory_spread_over_many_processes_stays_in_the_container_cgroup():
     """RLIMIT_AS bounds each process; the container's cgroup bounds their sum (20 x 200 MiB here)."""
     with Sandbox(MEMORY_BOMB_LIMITS, workers=1, container_memory_mb=600) as s:

@@ -283,6 +283,9 @@ class Sandbox:
                 self._forget(container)
                 container = None
                 return every(Status.SANDBOX_ERROR, str(e))
+            if reply.get("closing"):  # its zygote can fork no more executions: a new one next time
+                self._forget(container)
+                container = None
         finally:
             self._idle.put(container)
         del data

@@ -529,7 +529,10 @@ class Zygote:
     def step(self, argv, stdin, limits, write_job, test=None):
         _write_bytes(os.path.join(JOB_DIR, "stdin"), stdin)
         chain = self.take()
-        self.ask()  # the template forks the next one while this one runs
+        try:
+            self.ask()  # the template forks the next one while this one runs
+        except OSError:
+            pass  # the template is gone: the next take() fails, the container ends after this job
         address_space = limits["memory_mb"] * (2 if self.cgroup else 1)  # the cgroup is the real bound
         step = {"argv": argv, "limits": limits, "write_job": write_job, "judged": test is not None,
                 "address_space_mb": address_space}
@@ -586,8 +589,13 @@ def main():
         except Exception as e:  # a fault of the sandbox itself, reported as such
             reply = {"error": "%s: %s" % (type(e).__name__, e)}
         del body
+        closing = bool(os.waitpid(zygote.template, os.WNOHANG)[0])  # the template died (e.g. an OOM kill)
+        if closing:
+            reply["closing"] = True  # the host replaces this container
         _send(reply)
         del reply
+        if closing:
+            return
 
 
 if __name__ == "__main__":
