@@ -35,6 +35,9 @@ def test_python_runs_like_python3(sb):
     r = sb.run("import atexit, threading, time\natexit.register(lambda: print('bye'))\n"
                "threading.Thread(target=lambda: (time.sleep(0.2), print('thread'))).start()\nprint('main', end='')")
     assert r.status == Status.OK and r.stdout == "mainthread\nbye\n"
+    r = sb.run("import os, signal, time\ntry:\n    os.kill(os.getpid(), signal.SIGINT)\n    time.sleep(1)\n"
+               "except KeyboardInterrupt:\n    print('interrupted')")
+    assert (r.status, r.stdout) == (Status.OK, "interrupted\n")  # SIGINT is KeyboardInterrupt, as in python3
     r = sb.run("if __name__ == '__main__':\n    import sys\n    print(__file__, sys.argv, __name__)")
     assert r.stdout.strip() == "/job/main.py ['/job/main.py'] __main__"
 

@@ -227,6 +227,7 @@ def _child(step, fds, rpc):
         os.closerange(RPC_FD + 1 if rpc is not None else 3, 1 << 16)
         os.chdir("/tmp")
         if step["argv"] == ["python"]:
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # as in python3 (B reset it)
             _run_python(os.path.join(JOB_DIR, "main.py"), rpc is not None)
         for sig in (signal.SIGPIPE, signal.SIGXFSZ):
             signal.signal(sig, signal.SIG_DFL)
