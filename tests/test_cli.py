@@ -14,7 +14,7 @@ K15 = [sys.executable, "-m", "k15sys.cli"]
 TINY = ["sft.steps=6", "sft.batch_size=8", "rl.iterations=2", "rl.prompts_per_iteration=4", "rl.group_size=4",
         "rl.skip_zero_advantage=false",
         "rl.minibatch_size=8", "rl.max_new_tokens=32", "task.num_train=48", "task.num_eval=8", "eval.every=1",
-        "run.threads=1", "run.progress=false", "model.hidden_size=32", "model.intermediate_size=64", "model.num_layers=2"]
+        "run.threads=1", "run.device=cpu", "run.progress=false", "model.hidden_size=32", "model.intermediate_size=64", "model.num_layers=2"]
 
 
 def test_bad_config_fails_before_work_naming_the_key(tmp_path, capsys):

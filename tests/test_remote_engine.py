@@ -1,6 +1,7 @@
 """RemoteEngine: rollout workers in their own processes, weights through the checkpoint engine (gloo, CPU)."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -109,6 +110,7 @@ def test_bad_arguments_fail_before_spawning():
 
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+CPU_ENV = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # gloo ranks on the CPU, also on a machine with GPUs
 
 
 @pytest.mark.timeout(600)
@@ -127,7 +129,7 @@ def test_torchrun_ranks_with_rollout_workers_equal_in_process_engines(tmp_path):
         out = tmp_path / f"run{workers}"
         cmd = [*TORCHRUN, "-m", "k15sys.cli", "train", "--output-dir", str(out), *[f"--set={o}" for o in tiny],
                f"--set=run.rollout_workers={workers}"]
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=280)
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=280, env=CPU_ENV)
         assert done.returncode == 0, done.stderr[-3000:]
         runs[workers] = read_metrics(out / "metrics.jsonl")
     assert [r["iteration"] for r in runs[1]] == [0, 1]

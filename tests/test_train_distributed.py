@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import pytest
 pytestmark = pytest.mark.distributed
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+CPU_ENV = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # gloo ranks on the CPU, also on a machine with GPUs
 
 FSDP_STEP = r"""
 import sys, torch
@@ -62,7 +64,7 @@ du.exit_rank(0)  # interpreter teardown under gloo threads kept alive by DTensor
 def test_fsdp2_two_ranks_equal_single_process_steps(tmp_path):
     script = tmp_path / "fsdp_step.py"
     script.write_text(FSDP_STEP)
-    out = subprocess.run([*TORCHRUN, str(script)], capture_output=True, text=True, timeout=240)
+    out = subprocess.run([*TORCHRUN, str(script)], capture_output=True, text=True, timeout=240, env=CPU_ENV)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "MAXDIFF" in out.stdout
 
@@ -81,9 +83,9 @@ def test_torchrun_main_job_and_resume(tmp_path):
     and the zero-weight passes keep FSDP in step."""
     run = tmp_path / "run"
     base = [*TORCHRUN, "-m", "k15sys.cli", "train", "--output-dir", str(run), *[f"--set={o}" for o in TINY]]
-    out = subprocess.run([*base, "--set=rl.iterations=2"], capture_output=True, text=True, timeout=240)
+    out = subprocess.run([*base, "--set=rl.iterations=2"], capture_output=True, text=True, timeout=240, env=CPU_ENV)
     assert out.returncode == 0, out.stderr[-3000:]
-    out = subprocess.run([*base, "--set=rl.iterations=3", "--resume"], capture_output=True, text=True, timeout=240)
+    out = subprocess.run([*base, "--set=rl.iterations=3", "--resume"], capture_output=True, text=True, timeout=240, env=CPU_ENV)
     assert out.returncode == 0, out.stderr[-3000:]
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in rows] == [0, 1, 2, 3]

@@ -15,7 +15,7 @@ TINY = [
     "sft.steps=8", "sft.batch_size=8", "rl.iterations=6", "rl.prompts_per_iteration=4", "rl.group_size=4",
     "rl.minibatch_size=8", "rl.max_new_tokens=40", "rl.token_budget=16", "rl.max_minutes=0", "rl.warmup_iterations=2",
     "rl.sampler=prioritized", "rl.truncated_reward=-0.5", "task.num_train=64", "task.num_eval=12", "eval.every=3",
-    "run.checkpoint_every=2", "run.threads=1", "run.progress=false", "run.tensorboard=false",
+    "run.checkpoint_every=2", "run.threads=1", "run.device=cpu", "run.progress=false", "run.tensorboard=false",
     "model.hidden_size=32", "model.intermediate_size=64", "model.num_layers=2",
 ]
 

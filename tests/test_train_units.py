@@ -496,7 +496,7 @@ def test_pmd_log_probs_are_taken_at_the_rollout_temperature(tmp_path, tempered):
                              "rl.temperature=0.5", f"rl.tempered_logprobs={str(tempered).lower()}",
                              "rl.skip_zero_advantage=false", "run.progress=false", "run.tensorboard=false",
                              "model.hidden_size=32", "model.intermediate_size=64", "model.num_layers=2",
-                             f"run.output_dir={tmp_path}"])
+                             "run.device=cpu", f"run.output_dir={tmp_path}"])
     trainer = Trainer(cfg)
     tok = trainer.tokenizer
     prompts = [tok.encode(p.prompt, bos=True) for p in trainer.task.train[:6]]

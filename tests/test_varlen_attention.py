@@ -13,23 +13,8 @@ from k15sys.ops.attention import varlen_attention
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def reference(q, k, v, lens, causal, scale):
-    """Per-sequence float64 attention written out explicitly (no SDPA)."""
-    outs, s0 = [], 0
-    rep = q.shape[1] // k.shape[1]
-    for L in lens:
-        qs, ks, vs = q[s0:s0 + L].double(), k[s0:s0 + L].double(), v[s0:s0 + L].double()
-        ks, vs = ks.repeat_interleave(rep, 1), vs.repeat_interleave(rep, 1)
-        s = torch.einsum("qhd,khd->hqk", qs, ks) * scale
-        if causal:
-            s = s.masked_fill(torch.ones(L, L, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
-        outs.append(torch.einsum("hqk,khd->qhd", torch.softmax(s, -1), vs))
-        s0 += L
-    return torch.cat(outs)
-
-
 def plain(q, k, v, lens, causal, scale):
-    """The same attention in plain PyTorch in the inputs' dtype (matmuls in that dtype, softmax by torch)."""
+    """Attention per sequence in plain PyTorch in the inputs' dtype (matmuls in that dtype, softmax by torch)."""
     outs, s0 = [], 0
     rep = q.shape[1] // k.shape[1]
     for L in lens:
@@ -40,6 +25,11 @@ def plain(q, k, v, lens, causal, scale):
         outs.append(torch.einsum("hqk,khd->qhd", torch.softmax(s, -1), vs))
         s0 += L
     return torch.cat(outs)
+
+
+def reference(q, k, v, lens, causal, scale):
+    """The same attention in float64, written out explicitly (no SDPA)."""
+    return plain(q.double(), k.double(), v.double(), lens, causal, scale)
 
 
 def _grads(fn, q, k, v, dtype, do):

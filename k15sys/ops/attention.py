@@ -13,13 +13,11 @@ torch elsewhere.
 """
 from __future__ import annotations
 
-import os
-from typing import Literal
-
 import torch
 import torch.nn.functional as F
 
-Backend = Literal["auto", "triton", "torch"]
+from k15sys.ops.backend import Backend, pick_backend
+
 _LOG2E = 1.4426950408889634
 
 
@@ -178,15 +176,10 @@ def varlen_attention(
         [T, Hq, D] in q's dtype; differentiable w.r.t. q, k and v.
     """
     _validate(q, k, v, cu_seqlens, max_seqlen)
-    if backend not in ("auto", "triton", "torch"):
-        raise ValueError(f"backend: expected 'auto', 'triton' or 'torch', got {backend!r}")
+    backend = pick_backend(backend, q.device)
     scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
-    if backend == "auto":
-        backend = "triton" if q.device.type == "cuda" else "torch"
     if backend == "torch":
         return _torch_varlen(q, k, v, cu_seqlens, causal, scale)
-    if q.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError("backend: 'triton' needs CUDA tensors, or TRITON_INTERPRET=1 for the CPU interpreter")
     D = q.shape[-1]
     if D > 128:
         raise ValueError(f"q: head dim {D} is not supported by the triton backend (at most 128; or backend='torch')")

@@ -28,24 +28,12 @@ Measurements and the design rationale: ``docs/fused_logprobs.md``.
 """
 from __future__ import annotations
 
-import os
-from typing import Literal
-
 import torch
 
-Backend = Literal["auto", "triton", "torch"]
+from k15sys.ops.backend import Backend, pick_backend
+
 
 _DEFAULT_CHUNK_BYTES = 640 * 2**20  # budget for the [chunk, V] logits buffer
-
-
-def _pick_backend(backend: str, device: torch.device) -> str:
-    if backend == "auto":
-        return "triton" if device.type == "cuda" else "torch"
-    if backend not in ("triton", "torch"):
-        raise ValueError(f"backend: expected 'auto', 'triton' or 'torch', got {backend!r}")
-    if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError("backend: 'triton' needs CUDA tensors, or TRITON_INTERPRET=1 for the CPU interpreter")
-    return backend
 
 
 def _chunk_rows(T: int, V: int, itemsize: int, chunk: int | None) -> int:
@@ -357,7 +345,7 @@ def fused_logprobs(
     """
     _validate(hidden, weight, labels, temperature)
     _check_label_range(labels, weight.shape[0], ignore_index)
-    be = _pick_backend(backend, hidden.device)
+    be = pick_backend(backend, hidden.device)
     if chunk == 0 and be != "triton":
         raise ValueError(f"chunk: 0 (buffer-free forward) needs the triton backend, got backend {be!r}")
     for name, val in (("chunk", chunk), ("vocab_chunk", vocab_chunk)):
@@ -423,7 +411,7 @@ def fused_logprob_loss(
             raise ValueError(f"{name}: expected shape ({T},) on {hidden.device}, got {tuple(c.shape)} on {c.device}")
         if c is not None and not bool(torch.isfinite(c).all()):
             raise ValueError(f"{name}: contains NaN/inf")
-    be = _pick_backend(backend, hidden.device)
+    be = pick_backend(backend, hidden.device)
     n = _chunk_rows(T, weight.shape[0], hidden.element_size(), chunk)
     return _FusedLoss.apply(hidden.contiguous(), weight.contiguous(), labels.contiguous(),
                             lp_coef.detach().float().contiguous(),

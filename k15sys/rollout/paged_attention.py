@@ -7,12 +7,10 @@ runs plain attention: the CPU path and the reference), ``"auto"`` (triton on CUD
 """
 from __future__ import annotations
 
-import os
-from typing import Literal
-
 import torch
 
-Backend = Literal["auto", "triton", "torch"]
+from k15sys.ops.backend import Backend, pick_backend
+
 _LOG2E = 1.4426950408889634
 
 
@@ -78,15 +76,10 @@ def paged_decode_attention(
     if block_tables.dim() != 2 or block_tables.shape[0] != B or seq_lens.shape != (B,):
         raise ValueError(f"block_tables/seq_lens: expected [B, max_pages] and [B] for B={B}, got "
                          f"{tuple(block_tables.shape)}, {tuple(seq_lens.shape)}")
-    if backend not in ("auto", "triton", "torch"):
-        raise ValueError(f"backend: expected 'auto', 'triton' or 'torch', got {backend!r}")
+    backend = pick_backend(backend, q.device)
     scale = softmax_scale if softmax_scale is not None else D ** -0.5
-    if backend == "auto":
-        backend = "triton" if q.device.type == "cuda" else "torch"
     if backend == "torch":
         return _torch_paged(q, k_cache, v_cache, block_tables, seq_lens, scale)
-    if q.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError("backend: 'triton' needs CUDA tensors, or TRITON_INTERPRET=1 for the CPU interpreter")
     if D > 256:
         raise ValueError(f"q: head dim {D} is not supported by the triton backend (at most 256; or backend='torch')")
     splits = splits if splits is not None else default_splits(B, HKV, q.device)
