@@ -481,19 +481,20 @@ class Trainer:
             return torch.zeros(1)  # the zero-weight pass's one placeholder sample
         grad = pmd_seq_grad(ref, ref, rewards.to(ref.device), group_size=cfg.group_size, tau=cfg.tau,
                             baseline=cfg.baseline)
-        if cfg.normalize == "mean":
-            grad = grad / torch.tensor(lengths, dtype=grad.dtype, device=grad.device).clamp_min(1.0)
-        elif cfg.normalize == "constant":
-            grad = grad / float(cfg.max_new_tokens)
-        return grad
+        return self._normalized(grad, torch.tensor(lengths, dtype=grad.dtype, device=grad.device))
 
     def _seq_logp(self, out: Any) -> torch.Tensor:
+        return self._normalized(out.seq_logp, out.num_tokens)
+
+    def _normalized(self, per_seq: torch.Tensor, num_tokens: torch.Tensor) -> torch.Tensor:
+        """``per_seq`` (a sequence log-prob, or the loss's gradient w.r.t. it) under ``rl.normalize``: as is (paper
+        'sum'), divided by each response's token count ('mean') or by ``rl.max_new_tokens`` ('constant')."""
         norm = self.cfg.rl.normalize
         if norm == "mean":
-            return out.seq_logp / out.num_tokens.clamp_min(1.0)
+            return per_seq / num_tokens.clamp_min(1.0)
         if norm == "constant":
-            return out.seq_logp / float(self.cfg.rl.max_new_tokens)
-        return out.seq_logp
+            return per_seq / float(self.cfg.rl.max_new_tokens)
+        return per_seq
 
     def sync_weights(self) -> None:
         """Trainer -> rollout engine, one version (``k15sys.weights.WeightSync``): into an in-process engine's own
