@@ -55,15 +55,25 @@ def to_test_cases(tests: Sequence[Test], language: str) -> list[TestCase]:
     return cases
 
 
+def test_limits(timeout_s: float, base: Limits | None = None) -> Limits:
+    """``base`` (default :class:`Limits`) with a wall-clock limit of ``timeout_s`` per test and a CPU limit of the
+    same, rounded up; ValueError unless ``timeout_s`` > 0."""
+    if not (isinstance(timeout_s, (int, float)) and timeout_s > 0):
+        raise ValueError(f"timeout_s: must be > 0, got {timeout_s!r}")
+    return dataclasses.replace(base or Limits(), wall_s=float(timeout_s), cpu_s=max(1, math.ceil(timeout_s)))
+
+
+def pass_fraction(results: Sequence[RunResult]) -> float:
+    """The code reward of one program (paper 2.3.5): the share of its test results that passed."""
+    return sum(r.status.value == "OK" for r in results) / len(results)
+
+
 def run_tests(program: str, tests: Sequence[Test], *, language: str = "python", timeout_s: float = 5.0,
               sandbox: Sandbox | None = None, checker: Checker | None = None) -> list[RunResult]:
     """Run every test in the sandbox; one :class:`RunResult` per test (status OK = passed)."""
-    if not (isinstance(timeout_s, (int, float)) and timeout_s > 0):
-        raise ValueError(f"timeout_s: must be > 0, got {timeout_s!r}")
+    limits = test_limits(timeout_s, sandbox.limits if sandbox else None)  # the default sandbox has the default limits
     cases = to_test_cases(tests, language)
-    sb = sandbox or default_sandbox()
-    limits: Limits = dataclasses.replace(sb.limits, wall_s=float(timeout_s), cpu_s=max(1, math.ceil(timeout_s)))
-    return sb.run_tests(program, cases, language=language, limits=limits, checker=checker)
+    return (sandbox or default_sandbox()).run_tests(program, cases, language=language, limits=limits, checker=checker)
 
 
 def code_reward(program: str, tests: Sequence[Test], *, language: str = "python", timeout_s: float = 5.0,
@@ -78,5 +88,5 @@ def code_reward(program: str, tests: Sequence[Test], *, language: str = "python"
         sandbox: a :class:`Sandbox` to use (default: a shared one with 2 workers).
         checker: ``checker(input, expected, actual) -> bool`` instead of whitespace-tolerant equality.
     """
-    results = run_tests(program, tests, language=language, timeout_s=timeout_s, sandbox=sandbox, checker=checker)
-    return sum(r.status.value == "OK" for r in results) / len(results)
+    return pass_fraction(run_tests(program, tests, language=language, timeout_s=timeout_s, sandbox=sandbox,
+                                   checker=checker))

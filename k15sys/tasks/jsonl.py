@@ -24,8 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from k15sys.rewards import math_reward, to_test_cases
-from k15sys.sandbox import LANGUAGES, Limits, RunRequest, Sandbox, Status
+from k15sys.rewards.code import pass_fraction, test_limits, to_test_cases
+from k15sys.rewards.math import math_reward
+from k15sys.sandbox import LANGUAGES, RunRequest, Sandbox, Status
 from k15sys.tasks.base import SFTBatch, Tokenizer
 from k15sys.train.config import ConfigError
 
@@ -172,7 +173,7 @@ class JsonlTask:
         self.eval = load_problems(eval, "data.eval")
         self.traces = load_traces(sft, "sft.data") if sft else []
         self.has_sft = bool(self.traces)
-        self.limits = Limits(wall_s=float(code_timeout_s), cpu_s=max(1, math.ceil(code_timeout_s)))
+        self.limits = test_limits(code_timeout_s)
         self.sandbox_workers = sandbox_workers
         self._sandbox: Sandbox | None = None
         self._prompt_ids: dict[str, list[int]] = {}
@@ -200,7 +201,7 @@ class JsonlTask:
                 raise RuntimeError(f"code rewards: the sandbox ran none of {len(requests)} programs: "
                                    f"{broken[0].stderr[:300]} (docs/sandbox.md: bubblewrap and user namespaces)")
             for i, results in zip(code, batch):
-                out[i] = sum(r.status == Status.OK for r in results) / len(results)
+                out[i] = pass_fraction(results)
         return out
 
     def sandbox(self) -> Sandbox:
