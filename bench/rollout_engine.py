@@ -103,18 +103,14 @@ def time_paged(engine: PagedEngine, prompts: list[list[int]], new: int, dev: str
     return {"seconds": round(seconds, 3), "tokens": tokens, "tokens_per_s": round(tokens / seconds, 1)}
 
 
-def step_profile(engine: PagedEngine, batch: int, dev: str) -> dict:
-    """Milliseconds of one decode step's forward (a graph replay on CUDA) and of its sampling, at ``batch`` rows
-    (replayed over the step buffers the timed run left; their pages are free, so the writes land nowhere used)."""
-    from k15sys.rollout.paged_engine import _sample
-
-    params = SamplingParams(1, seed=0)
-    logits = engine._decode_step(batch)
-    out = {}
-    for name, fn in (("forward_ms", lambda: engine._decode_step(batch)), ("sample_ms", lambda: _sample(logits, params, None))):
-        fn()
-        reps = 20 if dev == "cuda" else 2
-        seconds, _ = timed(lambda: [fn() for _ in range(reps)], dev)
+def step_profile(engine: PagedEngine, batch: int, context: int, dev: str) -> dict:
+    """Milliseconds of one decode step at ``batch`` rows of up to ``context`` tokens: the whole step (forward and
+    sampling; a graph replay on CUDA) and its forward alone. Replayed over the step buffers the timed run
+    left; their pages are free, so the writes land nowhere used."""
+    out, reps = {}, 20 if dev == "cuda" else 2
+    for name, sample in (("step_ms", True), ("forward_ms", False)):
+        engine._decode_step(batch, context, sample=sample)
+        seconds, _ = timed(lambda s=sample: [engine._decode_step(batch, context, sample=s) for _ in range(reps)], dev)
         out[name] = round(seconds / reps * 1e3, 3)
     return out
 
@@ -188,7 +184,7 @@ def main() -> None:
         ps = prompts_of(b, prompt, vocab, b)
         row = {"batch": b, "prompt": prompt, "new_tokens": new, "peer_new_tokens": peer_new,
                "paged": time_paged(engine, ps, new, dev)}
-        row["paged_step"] = step_profile(engine, b, dev)
+        row["paged_step"] = step_profile(engine, b, prompt + new, dev)
         print(row, flush=True)
         row["torch_engine"] = time_torch_engine(model, ps, peer_new, dev)
         row["hf_generate"] = time_hf_generate(model, ps, peer_new, dev)

@@ -9,7 +9,8 @@ padded to ``GROUP_PAD``, so the score and value products are ``tl.dot`` tiles) a
 range of the sequence's tokens, keeping a running max / sum (base-2 exponentials, scale folded in). The
 range length is derived from the sequence's length at run time, so one launch shape (one CUDA graph) serves
 every length; programs whose range is empty write an empty partial. ``_combine_kernel`` merges the
-partials of the splits by their log-sum-exps.
+partials of the splits by their log-sum-exps; with one split (``FINAL``) the kernel writes the output itself
+(short contexts: one launch instead of two).
 """
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ import triton.language as tl
 def _paged_decode_kernel(Q, K, V, BT, LENS, O_PART, LSE_PART, scale_log2,
                          s_qb, s_qh, s_kp, s_kt, s_kh, s_bt, s_ob, s_oh, s_os,
                          GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, PAGE: tl.constexpr,
-                         BLOCK_N: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, IEEE: tl.constexpr):
+                         BLOCK_N: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, IEEE: tl.constexpr,
+                         FINAL: tl.constexpr):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -76,8 +78,9 @@ def _paged_decode_kernel(Q, K, V, BT, LENS, O_PART, LSE_PART, scale_log2,
     omask = gmask[:, None]
     if D_PAD != D:
         omask = omask & dmask
-    tl.store(O_PART + row[:, None] + offs_d[None, :], out, mask=omask)
-    tl.store(LSE_PART + (b * tl.num_programs(1) * GROUP + heads) * n_splits + split, lse, mask=gmask)
+    tl.store(O_PART + row[:, None] + offs_d[None, :], out.to(O_PART.dtype.element_ty), mask=omask)
+    if not FINAL:
+        tl.store(LSE_PART + (b * tl.num_programs(1) * GROUP + heads) * n_splits + split, lse, mask=gmask)
 
 
 @triton.jit

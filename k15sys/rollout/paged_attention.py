@@ -12,6 +12,7 @@ import torch
 from k15sys.ops.backend import Backend, pick_backend
 
 _LOG2E = 1.4426950408889634
+_MIN_SPLIT_TOKENS = 256
 
 
 def _torch_paged(q, k_cache, v_cache, block_tables, seq_lens, scale):
@@ -29,12 +30,15 @@ def _torch_paged(q, k_cache, v_cache, block_tables, seq_lens, scale):
     return o.reshape(B, HQ, D).to(q.dtype)
 
 
-def default_splits(batch: int, kv_heads: int, device: torch.device) -> int:
-    """Splits of the context per (sequence, kv head): enough programs to fill the GPU about four times."""
+def default_splits(batch: int, kv_heads: int, device: torch.device, context: int | None = None) -> int:
+    """Splits of the context per (sequence, kv head): enough programs to fill the GPU about four times, but no
+    split shorter than ``_MIN_SPLIT_TOKENS`` of a ``context``-token sequence (one split needs no merge)."""
     if device.type != "cuda":
         return 2
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     want = -(-4 * sms // max(1, batch * kv_heads))
+    if context is not None:
+        want = min(want, -(-context // _MIN_SPLIT_TOKENS))
     return min(64, 1 << max(0, want - 1).bit_length())
 
 
@@ -92,15 +96,20 @@ def paged_decode_attention(
     page = k_cache.shape[1]
     block_n = 64 if q.device.type == "cuda" else 16
     q = q.contiguous()
-    o_part = torch.empty(B, HQ, splits, D, dtype=torch.float32, device=q.device)
-    lse_part = torch.empty(B, HQ, splits, dtype=torch.float32, device=q.device)
+    out = torch.empty_like(q)
+    final = splits == 1
+    if final:  # one split: the kernel writes the output, no partials to merge
+        o_part, lse_part = out[:, :, None], out
+    else:
+        o_part = torch.empty(B, HQ, splits, D, dtype=torch.float32, device=q.device)
+        lse_part = torch.empty(B, HQ, splits, dtype=torch.float32, device=q.device)
     _paged_decode_kernel[(B, HKV, splits)](
         q, k_cache, v_cache, block_tables, seq_lens, o_part, lse_part, scale * _LOG2E,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         o_part.stride(0), o_part.stride(1), o_part.stride(2),
         GROUP=group, GROUP_PAD=max(16, 1 << (group - 1).bit_length()), PAGE=page, BLOCK_N=block_n, D=D,
-        D_PAD=d_pad, IEEE=q.dtype == torch.float32, num_warps=4, num_stages=2)
-    out = torch.empty_like(q)
-    _combine_kernel[(B * HQ,)](o_part, lse_part, out, o_part.stride(0), o_part.stride(1), o_part.stride(2),
-                               out.stride(0), out.stride(1), HQ, SPLITS=splits, D=D, D_PAD=d_pad, num_warps=4)
+        D_PAD=d_pad, IEEE=q.dtype == torch.float32, FINAL=final, num_warps=4, num_stages=2)
+    if not final:
+        _combine_kernel[(B * HQ,)](o_part, lse_part, out, o_part.stride(0), o_part.stride(1), o_part.stride(2),
+                                   out.stride(0), out.stride(1), HQ, SPLITS=splits, D=D, D_PAD=d_pad, num_warps=4)
     return out

@@ -16,8 +16,10 @@ every in-place update. Around them:
   decode step is a CUDA graph, captured once per batch-size bucket;
 - the k samples of one prompt (identical prompts of a call) share its KV pages: the prompt is prefilled
   once, its full pages are shared (reference-counted) and only the partly filled last page is copied;
-- sampling on the device (temperature, top-k, top-p through :func:`k15sys.rollout.torch_engine._filtered_logprobs`,
-  exponential-race draws from a per-call generator), with the log-prob of each token under the sampling
+- sampling on the device, inside the step's CUDA graph: Gumbel-max over noise hashed from (request seed,
+  position) (:mod:`k15sys.rollout.paged_sampling`), so a request's draws do not depend on its batch; the
+  token goes straight into the next step's input and into the round's output buffers. Top-k / top-p run
+  after the graph (torch ops, same noise). Each token comes with its log-prob under the sampling
   distribution, as :class:`~k15sys.rollout.TorchEngine` reports it.
 
 Other architectures raise a ValueError that points to ``TorchEngine``. One :meth:`PagedEngine.generate`
@@ -35,7 +37,8 @@ import torch
 from k15sys.algo.repeat import RepeatDetector
 from k15sys.ops import varlen_attention
 from k15sys.rollout.paged_attention import default_splits, paged_decode_attention
-from k15sys.rollout.torch_engine import TorchEngine, _filtered_logprobs
+from k15sys.rollout.paged_sampling import row_seed, sample_filtered, sample_tokens
+from k15sys.rollout.torch_engine import TorchEngine
 from k15sys.rollout.types import Completion, SamplingParams
 
 SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "llama")
@@ -195,6 +198,7 @@ class _Seq:
     prompt_len: int
     pages: list[int]
     budget: int
+    seed: int  # the noise seed of its draws (paged_sampling.row_seed)
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     reason: str | None = None
@@ -303,6 +307,7 @@ class PagedEngine:
             self.fused_kernels = False  # the rotary kernel reads two head halves
         if self.fused_kernels:
             self.decoder.fuse_projections()
+        self._sampler = "triton" if self.fused_kernels else "torch"  # sample_tokens' backend
         self.share_prefixes = share_prefixes
         self.repeat_detector = repeat_detector
         self.pad_token_id = pad_token_id
@@ -336,12 +341,19 @@ class PagedEngine:
                                dtype=self.dtype, device=self.device)
         self._cos, self._sin = d.rotary_table(self.max_model_len, self.device, self.dtype)
         self.pool = _PagePool(self.num_pages)
-        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._graphs: dict[tuple[int, int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._graph_pool = None
-        n, w = self.max_num_seqs, self.max_pages_per_seq
-        self._tokens = torch.zeros(n, dtype=torch.long, device=self.device)
-        self._pos = torch.zeros(n, dtype=torch.long, device=self.device)
-        self._tables = torch.zeros(n, w, dtype=torch.int32, device=self.device)
+        # the step buffers: row r of a decode round is running sequence r; rows past the live ones stay zero
+        # (greedy, page 0); a round writes its tokens / log-probs to column pos - start of _out_tok / _out_lp
+        n, w, dev = self.max_num_seqs, self.max_pages_per_seq, self.device
+        self._tokens = torch.zeros(n, dtype=torch.long, device=dev)
+        self._pos = torch.zeros(n, dtype=torch.long, device=dev)
+        self._start = torch.zeros(n, dtype=torch.long, device=dev)
+        self._temps = torch.zeros(n, dtype=torch.float32, device=dev)
+        self._seeds = torch.zeros(n, dtype=torch.long, device=dev)
+        self._tables = torch.zeros(n, w, dtype=torch.int32, device=dev)
+        self._out_tok = torch.zeros(n, self.sync_every, dtype=torch.long, device=dev)
+        self._out_lp = torch.zeros(n, self.sync_every, dtype=torch.float32, device=dev)
 
     @property
     def free_pages(self) -> int:
@@ -427,7 +439,7 @@ class PagedEngine:
         hidden = self.decoder.forward(ids_t, pos, (self._cos, self._sin), self._kv, slot_t, attend, self.fused_kernels)
         return self.decoder.logits(hidden[cu[1:].long() - 1])
 
-    def _decode_forward(self, n: int) -> torch.Tensor:
+    def _decode_forward(self, n: int, splits: int) -> torch.Tensor:
         """Logits of one decode step of the first ``n`` rows of the step buffers (tokens, positions, tables)."""
         tokens, pos, tables = self._tokens[:n], self._pos[:n], self._tables[:n]
         page = self.page_size
@@ -435,7 +447,6 @@ class PagedEngine:
         slots = tables.gather(1, (pos // page)[:, None]).squeeze(1).long() * page + pos % page
         kv = self._kv
         pages = kv.view(kv.shape[0], 2, self.num_pages, page, kv.shape[-2], kv.shape[-1])
-        splits = default_splits(n, self.decoder.num_kv_heads, self.device)
 
         def attend(q, k, v, layer):
             return paged_decode_attention(q, pages[layer, 0], pages[layer, 1], tables, seq_lens,
@@ -445,50 +456,53 @@ class PagedEngine:
         hidden = self.decoder.forward(tokens, pos, (self._cos, self._sin), kv, slots, attend, self.fused_kernels)
         return self.decoder.logits(hidden)
 
-    def _decode_step(self, n: int) -> torch.Tensor:
-        """Logits ``[n, V]`` of one decode step; on CUDA a replay of the graph of n's bucket."""
+    def _step(self, n: int, splits: int, sample: bool) -> torch.Tensor:
+        """One decode step of ``n`` rows; with ``sample``, also the draw of each row's next token, which advances
+        the step buffers (see ``sample_tokens``' ``advance``). Returns the logits."""
+        logits = self._decode_forward(n, splits)
+        if sample:
+            sample_tokens(logits, self._temps[:n], self._seeds[:n], self._pos[:n], backend=self._sampler,
+                          advance=(self._tokens, self._pos, self._start, self._out_tok, self._out_lp))
+        return logits
+
+    def _decode_step(self, n: int, context: int, sample: bool = True) -> torch.Tensor:
+        """Logits ``[n, V]`` of one decode step whose rows hold at most ``context`` tokens (the splits of the
+        attention follow it); on CUDA a replay of the graph of n's bucket."""
+        bucket = n
+        if self.cuda_graphs:
+            bucket = next((b for b in _BUCKETS if b >= n), None)
+            if bucket is None or bucket > self.max_num_seqs:
+                bucket = self.max_num_seqs
+        splits = default_splits(bucket, self.decoder.num_kv_heads, self.device, context)
         if not self.cuda_graphs:
-            return self._decode_forward(n)
-        bucket = next((b for b in _BUCKETS if b >= n), None)
-        if bucket is None or bucket > self.max_num_seqs:
-            bucket = self.max_num_seqs
-        if bucket not in self._graphs:
-            self._capture(bucket)
-        graph, logits = self._graphs[bucket]
+            return self._step(n, splits, sample)
+        key = (bucket, splits, sample)
+        if key not in self._graphs:
+            self._capture(key)
+        graph, logits = self._graphs[key]
         graph.replay()
         return logits[:n]
 
-    def _capture(self, bucket: int) -> None:
+    def _capture(self, key: tuple[int, int, bool]) -> None:
         """Capture one decode step of ``bucket`` rows. Rows past the live ones read and write the scratch page 0;
-        the warm-up steps rewrite the live rows' current K/V with the values the step itself writes."""
+        the warm-up steps rewrite the live rows' current K/V with the values the step itself writes, and the
+        step buffers are restored after them (a sampling step advances them)."""
+        buffers = (self._tokens, self._pos, self._out_tok, self._out_lp)
+        saved = [t.clone() for t in buffers]
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
             for _ in range(2):  # compile / autotune outside the capture
-                self._decode_forward(bucket)
+                self._step(*key)
+                for t, v in zip(buffers, saved):
+                    t.copy_(v)
         torch.cuda.current_stream(self.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         if self._graph_pool is None:
             self._graph_pool = torch.cuda.graph_pool_handle()
         with torch.cuda.graph(graph, pool=self._graph_pool):
-            logits = self._decode_forward(bucket)
-        self._graphs[bucket] = (graph, logits)
-
-
-def _sample(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Next token of each row and its log-prob under the sampling distribution (untempered when greedy)."""
-    if params.temperature == 0:
-        lp = torch.log_softmax(logits, dim=-1, dtype=torch.float32)
-        nxt = logits.argmax(-1)
-    else:
-        if params.top_k == 0 and params.top_p == 1.0:  # no filter: one upcasting pass fewer
-            z = logits if params.temperature == 1.0 else logits.float() / params.temperature
-            lp = torch.log_softmax(z, dim=-1, dtype=torch.float32)
-        else:
-            lp = _filtered_logprobs(logits, params)
-        race = torch.empty_like(lp).exponential_(generator=gen)  # argmax(p / E), E ~ Exp(1): a draw from p
-        nxt = (lp - race.log_()).argmax(-1)
-    return nxt, lp.gather(-1, nxt[:, None]).squeeze(-1)
+            logits = self._step(*key)
+        self._graphs[key] = (graph, logits)
 
 
 class _Run:
@@ -499,9 +513,8 @@ class _Run:
         self.prompts = prompts
         self.params = params
         self.stops = set(params.stop_token_ids)
-        self.gen = None
-        if params.seed is not None:
-            self.gen = torch.Generator(device=engine.device).manual_seed(params.seed)
+        self.seed = params.seed if params.seed is not None else int(torch.randint(1 << 62, ()))
+        self.filtered = params.temperature > 0 and (params.top_k > 0 or params.top_p < 1.0)  # sampled after the graph
         groups: dict[tuple[int, ...] | int, list[int]] = {}
         for i, p in enumerate(prompts):
             groups.setdefault(tuple(p) if engine.share_prefixes else i, []).append(i)
@@ -575,7 +588,7 @@ class _Run:
                 if j > 0:
                     e.pool.share(common)
                 pages = common + e.pool.take(own)
-                seq = _Seq(idx, n, pages, self.params.max_new_tokens,
+                seq = _Seq(idx, n, pages, self.params.max_new_tokens, row_seed(self.seed, idx),
                            detector=e.repeat_detector() if e.repeat_detector else None)
                 seqs.append(seq)
                 parents.append(g)
@@ -593,7 +606,14 @@ class _Run:
             dst = torch.tensor([c[1] for c in copies], device=e.device)
             kv = e._kv.view(e._kv.shape[0], 2, e.num_pages, e.page_size, *e._kv.shape[-2:])
             kv[:, :, dst] = kv[:, :, src]
-        nxt, lp = _sample(logits[torch.tensor(parents, device=e.device)], self.params, self.gen)
+        logits = logits[torch.tensor(parents, device=e.device)]
+        seeds = torch.tensor([s.seed for s in seqs], device=e.device)
+        pos = torch.tensor([s.prompt_len - 1 for s in seqs], device=e.device)
+        if self.filtered:
+            nxt, lp = sample_filtered(logits, self.params, seeds, pos)
+        else:
+            temps = torch.full((len(seqs),), float(self.params.temperature), device=e.device)
+            nxt, lp = sample_tokens(logits, temps, seeds, pos, backend=e._sampler)
         for seq, t, l in zip(seqs, nxt.tolist(), lp.tolist()):
             self._push(seq, [t], [l])
         self.running.extend(s for s in seqs if s.reason is None)
@@ -610,21 +630,22 @@ class _Run:
         table = np.zeros((n, e.max_pages_per_seq), dtype=np.int32)
         for r, s in enumerate(run):
             table[r, : len(s.pages)] = s.pages
-        e._tables.zero_()
-        e._pos.zero_()
+        for buf in (e._tables, e._pos, e._start, e._temps, e._seeds):
+            buf.zero_()
         e._tables[:n].copy_(torch.from_numpy(table))
-        e._pos[:n].copy_(torch.tensor([s.cached for s in run]))
+        pos = torch.tensor([s.cached for s in run])
+        e._pos[:n].copy_(pos)
+        e._start[:n].copy_(pos)
         e._tokens[:n].copy_(torch.tensor([s.tokens[-1] for s in run]))
-        out_tok = torch.empty(n, steps, dtype=torch.long, device=e.device)
-        out_lp = torch.empty(n, steps, dtype=torch.float32, device=e.device)
-        for i in range(steps):
-            logits = e._decode_step(n)
-            nxt, lp = _sample(logits, self.params, self.gen)
-            out_tok[:, i] = nxt
-            out_lp[:, i] = lp
-            e._tokens[:n].copy_(nxt)
-            e._pos[:n] += 1
-        toks, lps = out_tok.tolist(), out_lp.tolist()
+        e._temps[:n].fill_(float(self.params.temperature))
+        e._seeds[:n].copy_(torch.tensor([s.seed for s in run]))
+        context = max(s.cached for s in run) + steps
+        advance = (e._tokens, e._pos, e._start, e._out_tok, e._out_lp)
+        for _ in range(steps):
+            logits = e._decode_step(n, context, sample=not self.filtered)
+            if self.filtered:
+                sample_filtered(logits, self.params, e._seeds[:n], e._pos[:n], advance=advance)
+        toks, lps = e._out_tok[:n, :steps].tolist(), e._out_lp[:n, :steps].tolist()
         for s, t, l in zip(run, toks, lps):
             self._push(s, t, l)
         self.running = [s for s in run if s.reason is None]
