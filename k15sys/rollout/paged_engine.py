@@ -40,6 +40,7 @@ from k15sys.rollout.paged_attention import default_splits, paged_decode_attentio
 from k15sys.rollout.paged_sampling import row_seed, sample_filtered, sample_tokens
 from k15sys.rollout.torch_engine import TorchEngine
 from k15sys.rollout.types import Completion, SamplingParams
+from k15sys.weights.pinned import HostMirror
 
 SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "llama")
 _BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
@@ -313,6 +314,9 @@ class PagedEngine:
         self.pad_token_id = pad_token_id
         self.weight_version = 0
         self._asleep = False
+        self._mirror: HostMirror | None = None  # sleep(level=1)'s pinned host copies of the weights
+        self._discarded: list[tuple[torch.nn.Parameter, torch.Size]] = []  # sleep(level=2): shapes to reallocate
+        self._discarded_at: int | None = None  # weight_version when sleep(level=2) discarded the weights
         self._lock = threading.Lock()
         d = self.decoder
         self._page_bytes = 2 * d.num_layers * page_size * d.num_kv_heads * d.head_dim * self.dtype.itemsize
@@ -360,23 +364,55 @@ class PagedEngine:
         """Pages of the KV cache not held by any sequence (all but the scratch page when idle)."""
         return self.pool.free
 
-    def sleep(self) -> None:
-        """Free the accelerator memory for a colocated trainer (paper 2.6.3): the KV cache and CUDA graphs go,
-        the weights move to the CPU; :meth:`wake` restores both."""
+    def sleep(self, level: int = 1) -> None:
+        """Free the accelerator memory for a colocated trainer (paper 2.6.3). The KV cache and the CUDA graphs
+        (which bake in its addresses) go at both levels; the weights, by ``level`` (as vLLM's sleep levels):
+
+        - 1: copied to persistent pinned host buffers (:class:`~k15sys.weights.pinned.HostMirror`: allocated once,
+          copies on a side stream, one synchronisation); :meth:`wake` brings them back bit for bit. On the CPU
+          the weights already are in host memory and stay where they are.
+        - 2: discarded, on any device. :meth:`wake` allocates them again, uninitialised, and :meth:`generate`
+          refuses to run until a new weight version arrives (``update_weights`` or ``WeightSync``'s in-place
+          copy; both advance ``weight_version``). The colocated trainer uses this level: it pushes a version
+          right after every wake, so carrying the old weights out and back would move twice the model's bytes
+          over PCIe for nothing. Discarding rather than keeping them on the device gives the trainer all of
+          the engine's memory while it trains (allocating them again costs milliseconds).
+        """
+        if level not in (1, 2):
+            raise ValueError(f"level: expected 1 (weights to host memory) or 2 (weights discarded), got {level!r}")
         with self._lock:
+            if self._asleep:
+                return
             self._kv = self._cos = self._sin = None
             self._graphs, self._graph_pool = {}, None
-            if self.device.type != "cpu":
+            if level == 2 or self.device.type != "cpu":
                 self.decoder.fused = []  # its tensors hold the device copies of q/k/v and gate/up
-                self.model.to("cpu")
+            if level == 2:
+                self._discarded = [(p, p.shape) for p in self.model.parameters()]
+                for p, _ in self._discarded:
+                    p.data = p.data.new_empty(0)
+                self._discarded_at = self.weight_version
+            elif self.device.type != "cpu":
+                if self._mirror is None:
+                    self._mirror = HostMirror(self.device)
+                self._mirror.offload(list(self.model.parameters()))
+            if self.device.type == "cuda":
                 torch.cuda.empty_cache()
             self._asleep = True
 
     def wake(self) -> None:
+        """Take the memory back after :meth:`sleep`: the weights (from host memory, or uninitialised after level
+        2), their fused q/k/v and gate/up tensors and the KV cache. CUDA graphs are captured again lazily, per
+        batch-size bucket, on the first decode step that needs one."""
         with self._lock:
             if self._asleep:
-                self.model.to(self.device)
-                if self.fused_kernels and self.device.type != "cpu":  # new storage: fuse it again
+                if self._discarded:
+                    for p, shape in self._discarded:
+                        p.data = torch.empty(shape, dtype=p.dtype, device=self.device)
+                    self._discarded = []
+                elif self._mirror is not None:
+                    self._mirror.onload()
+                if self.fused_kernels and not self.decoder.fused:  # new storage: fuse it again
                     self.decoder.fuse_projections()
                 self._allocate()
             self._asleep = False
@@ -391,6 +427,9 @@ class PagedEngine:
     def _check(self, prompts: list[list[int]], params: SamplingParams) -> None:
         if self._asleep:
             raise RuntimeError("generate: the engine is asleep; call wake() first")
+        if self._discarded_at == self.weight_version:
+            raise RuntimeError("generate: sleep(level=2) discarded the weights; load a new version (update_weights) "
+                               "after wake() first")
         if not isinstance(prompts, (list, tuple)):
             raise ValueError(f"prompts: expected a list of token-id lists, got {type(prompts).__name__}")
         if not isinstance(params, SamplingParams):

@@ -1,51 +1,94 @@
 """Hybrid deployment (paper 2.6.3): trainer and rollout engine share the accelerator and take turns with its memory.
 
-The engine's half is ``sleep()`` / ``wake()`` (weights to host memory while the trainer works). This module is the
-trainer's half: while the engine generates, the policy's parameters and buffers and the optimizer's state tensors
-wait in host memory, and they come back, bit for bit, before the training step. Gradients are not kept across
-iterations (``zero_grad(set_to_none=True)``), so there is nothing else to move.
+The engine's half is ``sleep()`` / ``wake()`` (:meth:`k15sys.rollout.paged_engine.PagedEngine.sleep`: the trainer
+asks for level 2, weights discarded, since a weight sync follows every wake). This module is the trainer's half:
+while the engine generates, the policy's parameters and buffers, the optimizer's parameters (fp32 master weights,
+:mod:`k15sys.train.optim`) and its state tensors wait in host memory, and they come back, bit for bit, before the
+training step. Gradients are not kept across iterations (``zero_grad(set_to_none=True)``); any that exist move too.
+
+Plain tensors move through a :class:`~k15sys.weights.pinned.HostMirror`: pinned host buffers allocated once and
+reused, all copies queued on a side stream, one host synchronisation per offload and none per onload. The
+module's FSDP2 shards (DTensors, under torchrun) move with ``module.to``, which FSDP2 follows (it re-registers
+its sharded parameters); the optimizer's DTensors (state, master weights) move their local tensors through
+the mirror.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from k15sys.weights.pinned import HostMirror
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    return hasattr(t, "device_mesh")
+
 
 class TrainerOffload:
-    """Moves a module and its optimizer's state between ``device`` and host memory.
+    """Moves a module and its optimizer's tensors between ``device`` and host memory.
 
     Args:
-        model: the policy, plain or FSDP2-sharded (``module.to`` moves the local shards); its Parameter objects
-            stay the same, so the optimizer keeps them.
-        optimizer: its optimizer; per-parameter state tensors on the accelerator move with it (CPU-resident
-            ones, such as Adam's step counters, stay where they are).
-        device: the accelerator the trainer runs on; a CPU device makes both calls no-ops.
+        model: the policy, plain or FSDP2-sharded; its Parameter objects stay the same, so the optimizer keeps them.
+        optimizer: its optimizer (or a :class:`~k15sys.train.optim.MasterWeights`): the parameters it steps and its
+            per-parameter state tensors on the accelerator move with the model (CPU-resident ones, such as Adam's
+            step counters, stay where they are).
+        device: the accelerator the trainer runs on; a CPU device makes both calls no-ops (``enabled`` False).
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device) -> None:
         self.model, self.optimizer, self.device = model, optimizer, torch.device(device)
-        self._moved: list[tuple[dict, str]] = []  # optimizer state entries sent to the host, to bring back
+        self.enabled = self.device.type != "cpu"
+        self.mirror = HostMirror(self.device)
+        self._sharded = False  # the last offload moved FSDP2 shards with module.to
         self.offloaded = False
 
+    def tensors(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """What moves, each tensor once: (the module's parameters, their gradients and its buffers; the optimizer's
+        parameters that are not the module's, e.g. fp32 master weights, and its state tensors on ``device``).
+        DTensors outside the module (master weights and optimizer state under FSDP2) are given as their local
+        tensors."""
+        seen: set[int] = set()
+
+        def collect(items) -> list[torch.Tensor]:
+            out = []
+            for t in items:
+                if t is None or not torch.is_tensor(t):
+                    continue
+                if id(t) in seen:
+                    continue
+                seen.add(id(t))
+                if t.device.type == self.device.type:
+                    out.append(t)
+            return out
+
+        module = collect(t for p in self.model.parameters() for t in (p, p.grad))
+        module += collect(self.model.buffers())
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        rest = collect(t for p in params for t in (p, p.grad))
+        rest += collect(v for state in self.optimizer.state.values() for v in state.values())
+        return module, [t._local_tensor if _is_dtensor(t) else t for t in rest]
+
     def offload(self) -> None:
-        """Parameters, buffers and optimizer state to host memory; frees the accelerator's cached blocks."""
-        if self.offloaded or self.device.type == "cpu":
+        """Everything :meth:`tensors` lists to host memory; the accelerator's cached blocks are released."""
+        if self.offloaded or not self.enabled:
             return
-        self.model.to("cpu")
-        for state in self.optimizer.state.values():
-            for key, value in state.items():
-                if torch.is_tensor(value) and value.device.type == self.device.type:
-                    state[key] = value.to("cpu")
-                    self._moved.append((state, key))
+        module, rest = self.tensors()
+        if any(_is_dtensor(t) for t in module):  # FSDP2 shards: module.to, which FSDP2 follows
+            self.model.to("cpu")
+            self._sharded = True
+            self.mirror.offload(rest)
+        else:
+            self.mirror.offload(module + rest)
         self.offloaded = True
-        torch.cuda.empty_cache()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def onload(self) -> None:
         """Everything :meth:`offload` moved back to ``device``."""
         if not self.offloaded:
             return
-        self.model.to(self.device)
-        for state, key in self._moved:
-            state[key] = state[key].to(self.device)
-        self._moved.clear()
+        if self._sharded:
+            self.model.to(self.device)
+            self._sharded = False
+        self.mirror.onload()
         self.offloaded = False

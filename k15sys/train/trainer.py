@@ -38,7 +38,7 @@ import torch
 from k15sys.algo import CurriculumSampler, LengthPenaltySchedule, PrioritizedSampler, length_penalty, penalize_repeats, pmd_loss, pmd_seq_grad
 from k15sys.integrations.transformers_attention import register
 from k15sys.rollout import Group, PartialRolloutScheduler, RemoteEngine, ReplayBuffer, SamplingParams
-from k15sys.rollout.paged_engine import make_rollout_engine
+from k15sys.rollout.paged_engine import PagedEngine, make_rollout_engine
 from k15sys.tasks.base import Tokenizer
 from k15sys.tasks.factory import build_task
 from k15sys.train import distributed as dist_utils
@@ -332,7 +332,10 @@ class Trainer:
         with intra_op_threads(generation_threads(self.cfg)):
             groups = self.scheduler.run_iteration(policy_version=it)
         if self.cfg.run.colocate:  # and hands it back to the trainer
-            self.engine.sleep()
+            if isinstance(self.engine, PagedEngine):  # a weight sync follows its wake: drop the weights (level 2)
+                self.engine.sleep(level=2)
+            else:
+                self.engine.sleep()
             self.offload.onload()
         times["time/rollout_s"] = time.perf_counter() - t0
         generated = self.scheduler.last_stats.generated_tokens
