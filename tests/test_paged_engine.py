@@ -117,13 +117,21 @@ def test_samples_of_one_prompt_share_pages_and_differ():
     assert eng.free_pages == eng.num_pages - 1
 
 
-def test_small_cache_queues_sequences_and_frees_pages():
-    model = _qwen2()
-    # 6 pages: one sequence's reservation (prompt + 21 + sync_every slots) at a time
-    eng = _engine(model, kv_cache_tokens=48)
-    outs = eng.generate(PROMPTS[:2] * 2, SamplingParams(21, temperature=0))
-    for p, o in zip(PROMPTS[:2] * 2, outs):
+def test_small_cache_queues_and_preempts_sequences_and_frees_pages():
+    """Pages are taken as sequences grow; when the cache runs short the latest admitted sequences give theirs back
+    and are prefilled again later, which changes no token (greedy, and sampled: the noise is keyed by position)."""
+    model = _llama()
+    eng = _engine(model, kv_cache_tokens=48)  # 6 pages of 8: room for a sequence and a half at full length
+    outs = eng.generate(PROMPTS, SamplingParams(21, temperature=0))
+    for p, o in zip(PROMPTS, outs):
         assert o.token_ids == _hf_greedy(model, p, 21)
+    assert eng.preemptions > 0 and eng.free_pages == eng.num_pages - 1
+    params, before = SamplingParams(21, temperature=1.0, seed=4), eng.preemptions
+    small = eng.generate(PROMPTS * 2, params)
+    big = _engine(model).generate(PROMPTS * 2, params)
+    assert eng.preemptions > before
+    assert [s.token_ids for s in small] == [b.token_ids for b in big]
+    assert np.allclose([x for s in small for x in s.logprobs], [x for b in big for x in b.logprobs], atol=1e-5)
     assert eng.free_pages == eng.num_pages - 1
 
 

@@ -5,9 +5,11 @@ calling the model's own submodules (norms, projections, MLPs), so it shares the 
 every in-place update. Around them:
 
 - a KV cache preallocated once as pages of ``page_size`` token slots (``[layers, 2, pages, page_size, Hkv,
-  D]``); each sequence gets the pages of its longest possible length when it is admitted and gives them back
+  D]``); a sequence holds the pages of the tokens it has (taken a round ahead as it grows) and gives them back
   as soon as it finishes, so finished sequences make room for waiting ones (continuous batching, bounded by
-  ``max_num_seqs`` and the pages left);
+  ``max_num_seqs`` and the pages left); when growing sequences run out of pages, the latest admitted ones are
+  preempted and later prefilled again from their tokens so far (the draws do not change: they are keyed by
+  seed and position);
 - prefill of the waiting prompts packed together (``k15sys.ops.varlen_attention``), then decode rounds of
   ``sync_every`` steps that stay on the device: tokens, positions and cache slots are advanced on the device,
   and the host looks at the tokens once per round (stop tokens, repeat loops, budgets) -- a sequence that
@@ -313,6 +315,7 @@ class PagedEngine:
         self.repeat_detector = repeat_detector
         self.pad_token_id = pad_token_id
         self.weight_version = 0
+        self.preemptions = 0  # sequences that gave their pages back mid-generation (re-prefilled later)
         self._asleep = False
         self._mirror: HostMirror | None = None  # sleep(level=1)'s pinned host copies of the weights
         self._discarded: list[tuple[torch.nn.Parameter, torch.Size]] = []  # sleep(level=2): shapes to reallocate
@@ -560,12 +563,13 @@ class _Run:
         self.waiting = list(groups.values())  # groups of identical prompts, in order of first appearance
         self.waiting.reverse()
         self.running: list[_Seq] = []
+        self.preempted: list[_Seq] = []  # gave their pages back for others to grow; re-admitted first (LIFO)
         self.done: dict[int, Completion] = {}
 
     def run(self) -> list[Completion]:
         e = self.e
         try:
-            while self.waiting or self.running:
+            while self.waiting or self.preempted or self.running:
                 admitted = self._admit()
                 if self.running:
                     self._decode_round()
@@ -580,53 +584,71 @@ class _Run:
         return [self.done[i] for i in range(len(self.prompts))]
 
     # ------------------------------------------------------------------ admission and prefill
-    def _pages_for(self, prompt_len: int, k: int) -> tuple[int, int]:
-        """(shared full prompt pages, own pages per sample) for k samples of a prompt."""
-        e = self.e
-        longest = min(prompt_len + self.params.max_new_tokens - 1 + e.sync_every, e.max_pages_per_seq * e.page_size)
-        shared = prompt_len // e.page_size if k > 1 else 0
-        return shared, -(-longest // e.page_size) - shared
+    def _pages(self, tokens: int) -> int:
+        return -(-tokens // self.e.page_size)
+
+    def _reserve(self, seqs: int) -> int:
+        """Pages kept free for one more round of ``seqs`` running sequences (admission's watermark)."""
+        return seqs * self._pages(self.e.sync_every)
 
     def _admit(self) -> bool:
-        """Prefill as many waiting groups as fit the sequence budget, the free pages and the prefill budget;
-        False if none did."""
+        """Prefill what fits the sequence budget, the free pages and the prefill budget: first the preempted
+        sequences (their tokens so far are prefilled again), then waiting groups. A sequence gets the pages of
+        what it holds now; a round's growth of every running sequence is kept free (a sequence alone in an
+        empty cache is admitted without it: it always fits). False if nothing was admitted."""
         e = self.e
-        batch, tokens, free, seats = [], 0, e.pool.free, e.max_num_seqs - len(self.running)
-        while self.waiting:
+        resumed, batch, tokens = [], [], 0
+        free, seats, running = e.pool.free, e.max_num_seqs - len(self.running), len(self.running)
+
+        def fits(need: int, seqs: int, length: int) -> bool:
+            alone = running == 0
+            return (need + (0 if alone else self._reserve(running + seqs)) <= free and seqs <= seats
+                    and not (tokens and tokens + length > e.max_prefill_tokens))
+
+        while self.preempted and fits(self._pages(self.preempted[-1].cached), 1, self.preempted[-1].cached):
+            seq = self.preempted.pop()
+            seq.pages = e.pool.take(self._pages(seq.cached))
+            resumed.append(seq)
+            tokens, free, seats, running = tokens + seq.cached, free - len(seq.pages), seats - 1, running + 1
+        while self.waiting and not self.preempted:
             group = self.waiting[-1]
             n = len(self.prompts[group[0]])
-            shared, own = self._pages_for(n, len(group))
-            need = shared + own * len(group)
-            if need > free or len(group) > seats or (batch and tokens + n > e.max_prefill_tokens):
-                if not batch and not self.running and len(group) > seats:
-                    # a group larger than the sequence budget: split it, sharing the prefill per part
-                    self.waiting[-1:] = [group[seats:], group[:seats]]
-                    continue
-                if not batch and not self.running and need > free and len(group) > 1:
-                    half = len(group) // 2
-                    self.waiting[-1:] = [group[half:], group[:half]]
+            shared = n // e.page_size if len(group) > 1 else 0
+            need = shared + (self._pages(n) - shared) * len(group)
+            if not fits(need, len(group), n):
+                if running == 0 and len(group) > 1:
+                    # a group larger than the sequence budget or the cache: split it, sharing the prefill per part
+                    cut = seats if len(group) > seats else len(group) // 2
+                    self.waiting[-1:] = [group[cut:], group[:cut]]
                     continue
                 break
             self.waiting.pop()
             batch.append(group)
-            tokens, free, seats = tokens + n, free - need, seats - len(group)
-        if batch:
-            self._prefill(batch)
-        return bool(batch)
+            tokens, free, seats, running = tokens + n, free - need, seats - len(group), running + len(group)
+        if batch or resumed:
+            self._prefill(batch, resumed)
+        return bool(batch or resumed)
 
-    def _prefill(self, groups: list[list[int]]) -> None:
+    def _prefill(self, groups: list[list[int]], resumed: list[_Seq]) -> None:
         e = self.e
         ids, starts, slots, seqs, parents = [], [], [], [], []
         copies: list[tuple[int, int]] = []
+
+        def pack(tokens: list[int], pages: list[int]) -> None:
+            starts.append(len(ids))
+            ids.extend(tokens)
+            t = np.arange(len(tokens))
+            slots.extend((np.asarray(pages)[t // e.page_size] * e.page_size + t % e.page_size).tolist())
+
         for g, group in enumerate(groups):
             prompt = self.prompts[group[0]]
             n = len(prompt)
-            shared, own = self._pages_for(n, len(group))
+            shared = n // e.page_size if len(group) > 1 else 0
             common = e.pool.take(shared)
             for j, idx in enumerate(group):
                 if j > 0:
                     e.pool.share(common)
-                pages = common + e.pool.take(own)
+                pages = common + e.pool.take(self._pages(n) - shared)
                 seq = _Seq(idx, n, pages, self.params.max_new_tokens, row_seed(self.seed, idx),
                            detector=e.repeat_detector() if e.repeat_detector else None)
                 seqs.append(seq)
@@ -635,16 +657,18 @@ class _Run:
                     first = pages
                 elif n % e.page_size:  # the partly filled last prompt page is copied, the rest is shared
                     copies.append((first[shared], pages[shared]))
-            starts.append(len(ids))
-            ids.extend(prompt)
-            t = np.arange(n)
-            slots.extend((np.asarray(first)[t // e.page_size] * e.page_size + t % e.page_size).tolist())
+            pack(prompt, first)
+        for seq in resumed:  # the K/V of everything but the newest token, which the next decode step feeds
+            pack(self.prompts[seq.index] + seq.tokens[:-1], seq.pages)
         logits = e._prefill(ids, starts, slots)
         if copies:
             src = torch.tensor([c[0] for c in copies], device=e.device)
             dst = torch.tensor([c[1] for c in copies], device=e.device)
             kv = e._kv.view(e._kv.shape[0], 2, e.num_pages, e.page_size, *e._kv.shape[-2:])
             kv[:, :, dst] = kv[:, :, src]
+        self.running.extend(resumed)
+        if not seqs:
+            return
         logits = logits[torch.tensor(parents, device=e.device)]
         seeds = torch.tensor([s.seed for s in seqs], device=e.device)
         pos = torch.tensor([s.prompt_len - 1 for s in seqs], device=e.device)
@@ -658,13 +682,31 @@ class _Run:
         self.running.extend(s for s in seqs if s.reason is None)
 
     # ------------------------------------------------------------------ decoding
+    def _grow(self, steps: int) -> None:
+        """Give each running sequence the pages of its next ``steps`` tokens; when the cache runs short, the
+        latest admitted sequences are preempted (their pages freed; re-admitted later from their tokens)."""
+        e = self.e
+        cap = e.max_pages_per_seq
+        while True:
+            want = [max(0, min(cap, self._pages(s.cached + steps)) - len(s.pages)) for s in self.running]
+            if sum(want) <= e.pool.free or len(self.running) == 1:
+                break
+            victim = self.running.pop()
+            e.pool.give_back(victim.pages)
+            victim.pages = []
+            self.preempted.append(victim)
+            e.preemptions += 1
+        for s, w in zip(self.running, want):
+            s.pages += e.pool.take(w)
+
     def _decode_round(self) -> None:
         """Up to ``sync_every`` decode steps on the device, then one look at the tokens on the host."""
         e = self.e
+        self._grow(min(e.sync_every, max(s.budget - len(s.tokens) for s in self.running)))
         run = self.running
         n = len(run)
         left = max(s.budget - len(s.tokens) for s in run)
-        room = min(len(s.pages) * e.page_size - s.cached for s in run)  # slots reserved ahead of each sequence
+        room = min(len(s.pages) * e.page_size - s.cached for s in run)  # slots held ahead of each sequence
         steps = max(1, min(e.sync_every, left, room))
         table = np.zeros((n, e.max_pages_per_seq), dtype=np.int32)
         for r, s in enumerate(run):
