@@ -140,12 +140,14 @@ def summary(r: dict) -> list[str]:
                      f"roofline {c['roofline_tokens_per_s']:.0f}), TorchEngine {c['torch_engine']['tokens_per_s']:.0f}, "
                      f"HF generate {c['hf_generate']['tokens_per_s']:.0f}; paged / TorchEngine "
                      f"{c['speedup_vs_torch_engine']:.1f}x, / generate {c['speedup_vs_hf_generate']:.1f}x")
-    lg = r["long"]
-    lines.append(f"  long (batch {lg['batch']}, prompt {lg['prompt']}, {lg['new_tokens']} new): paged "
-                 f"{lg['paged']['tokens_per_s']:.0f} ({lg['roofline_fraction']:.0%} of roofline)")
-    g = r["group"]
-    lines.append(f"  group ({g['prompts']} prompts x {g['samples']}): shared {g['shared']['tokens_per_s']:.0f}, "
-                 f"not shared {g['not_shared']['tokens_per_s']:.0f} -> {g['speedup']:.2f}x")
+    if "long" in r:
+        lg = r["long"]
+        lines.append(f"  long (batch {lg['batch']}, prompt {lg['prompt']}, {lg['new_tokens']} new): paged "
+                     f"{lg['paged']['tokens_per_s']:.0f} ({lg['roofline_fraction']:.0%} of roofline)")
+    if "group" in r:
+        g = r["group"]
+        lines.append(f"  group ({g['prompts']} prompts x {g['samples']}): shared {g['shared']['tokens_per_s']:.0f}, "
+                     f"not shared {g['not_shared']['tokens_per_s']:.0f} -> {g['speedup']:.2f}x")
     return lines
 
 
@@ -153,7 +155,12 @@ def main() -> None:
     ap = benchlib.parser(__doc__, quick_help="tiny fp32 model on the CPU: exercises the script in under a minute")
     ap.add_argument("--peer-new-tokens", type=int, default=64, help="new tokens timed for TorchEngine / generate")
     ap.add_argument("--long-new-tokens", type=int, default=8192, help="new tokens of the long case")
+    ap.add_argument("--cases", default="table,group,long",
+                    help="comma-separated subset of table, group, long (all by default; the long case is the slowest)")
     args = ap.parse_args()
+    cases = set(args.cases.split(","))
+    if not cases <= {"table", "group", "long"}:
+        ap.error(f"--cases: expected a subset of table,group,long, got {args.cases!r}")
     benchlib.require_gpus(args, "rollout_engine")
     quick = args.quick
     model, dev, dtype = build_model(quick)
@@ -179,8 +186,8 @@ def main() -> None:
     result = {"bench": "rollout_engine", "device": name, "torch": torch.__version__, "dtype": str(dtype),
               "model": "Qwen2-1.5B-shaped, random init" if not quick else "tiny Qwen2",
               "copy_bandwidth_GBps": round(bandwidth / 1e9, 1), "kv_cache_pages": engine.num_pages,
-              "page_size": engine.page_size, "table": []}
-    for b in batches:
+              "page_size": engine.page_size, "cases": sorted(cases), "table": []}
+    for b in batches if "table" in cases else ():
         ps = prompts_of(b, prompt, vocab, b)
         row = {"batch": b, "prompt": prompt, "new_tokens": new, "peer_new_tokens": peer_new,
                "paged": time_paged(engine, ps, new, dev)}
@@ -195,22 +202,24 @@ def main() -> None:
         result["table"].append(row)
         print(row, flush=True)
         partial()
-    group_prompts = [p for p in prompts_of(group_p, prompt, vocab, 11) for _ in range(group_k)]
-    shared = time_paged(engine, group_prompts, new, dev)
-    engine.share_prefixes = False
-    unshared = time_paged(engine, group_prompts, new, dev)
-    engine.share_prefixes = True
-    result["group"] = {"prompts": group_p, "samples": group_k, "prompt": prompt, "new_tokens": new,
-                       "shared": shared, "not_shared": unshared,
-                       "speedup": round(shared["tokens_per_s"] / unshared["tokens_per_s"], 2)}
-    print(result["group"], flush=True)
-    partial()
-    long = {"batch": long_b, "prompt": long_p, "new_tokens": long_n,
-            "paged": time_paged(engine, prompts_of(long_b, long_p, vocab, 7), long_n, dev),
-            "roofline_tokens_per_s": round(roofline(model, long_b, long_p, long_n, bandwidth), 1)}
-    long["roofline_fraction"] = round(long["paged"]["tokens_per_s"] / long["roofline_tokens_per_s"], 3)
-    result["long"] = long
-    print(long, flush=True)
+    if "group" in cases:
+        group_prompts = [p for p in prompts_of(group_p, prompt, vocab, 11) for _ in range(group_k)]
+        shared = time_paged(engine, group_prompts, new, dev)
+        engine.share_prefixes = False
+        unshared = time_paged(engine, group_prompts, new, dev)
+        engine.share_prefixes = True
+        result["group"] = {"prompts": group_p, "samples": group_k, "prompt": prompt, "new_tokens": new,
+                           "shared": shared, "not_shared": unshared,
+                           "speedup": round(shared["tokens_per_s"] / unshared["tokens_per_s"], 2)}
+        print(result["group"], flush=True)
+        partial()
+    if "long" in cases:
+        long = {"batch": long_b, "prompt": long_p, "new_tokens": long_n,
+                "paged": time_paged(engine, prompts_of(long_b, long_p, vocab, 7), long_n, dev),
+                "roofline_tokens_per_s": round(roofline(model, long_b, long_p, long_n, bandwidth), 1)}
+        long["roofline_fraction"] = round(long["paged"]["tokens_per_s"] / long["roofline_tokens_per_s"], 3)
+        result["long"] = long
+        print(long, flush=True)
     benchlib.finish(result, path, summary(result))
 
 
