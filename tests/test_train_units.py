@@ -1,6 +1,7 @@
 """Unit tests of the main job's pieces: task, tokenizer, config, packing, policy log-probs, checkpoints, metrics."""
 from __future__ import annotations
 
+import copy
 import errno
 import json
 import math
@@ -606,3 +607,113 @@ def test_generation_and_training_use_their_own_thread_counts(tmp_path):
         trainer.close()
     finally:
         torch.set_num_threads(before)
+
+
+def _bf16_linear_and_masters(lr: float = 1e-5):
+    from k15sys.train.optim import build_optimizer
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Linear(16, 4)).to(torch.bfloat16)
+    model[1].float()  # a float32 parameter: stepped directly, no copy
+    return model, build_optimizer("adamw", model, lr=lr, master_weights=True)
+
+
+def _grads(model, seed: int) -> None:
+    x = torch.randn(8, 16, generator=torch.Generator().manual_seed(seed)).to(torch.bfloat16)
+    model[1](model[0](x).float()).square().mean().backward()
+
+
+def test_master_weights_step_fp32_copies_as_fp32_adamw_would():
+    """Each step equals fp32 AdamW on the fp32 copies fed the bf16 gradients upcast, and the bf16 parameters are its
+    rounding; bf16 AdamW alone loses these small updates (weights above 0.02 do not move)."""
+    from k15sys.train.optim import MasterWeights
+
+    model, opt = _bf16_linear_and_masters()
+    assert isinstance(opt, MasterWeights) and opt.masters[2] is model[1].weight
+    ref = [torch.nn.Parameter(p.detach().float().clone()) for p in model.parameters()]
+    ref_opt = torch.optim.AdamW(ref, lr=1e-5, betas=(0.9, 0.98), weight_decay=0.0)
+    plain = copy.deepcopy(model)
+    plain_opt = torch.optim.AdamW(plain.parameters(), lr=1e-5, betas=(0.9, 0.98), weight_decay=0.0)
+    start = plain[0].weight.detach().clone()
+    for step in range(40):
+        opt.zero_grad()
+        _grads(model, step)
+        for r, p in zip(ref, model.parameters()):
+            r.grad = p.grad.float()
+        opt.step()
+        ref_opt.step()
+        plain_opt.zero_grad()
+        _grads(plain, step)
+        plain_opt.step()
+    assert all(torch.equal(m, r) for m, r in zip(opt.masters, ref))
+    assert all(torch.equal(p, r.to(p.dtype)) for p, r in zip(model.parameters(), ref))
+    assert all(st["exp_avg"].dtype == torch.float32 for st in opt.state.values())
+    big = start.abs() > 0.02  # weights whose bf16 spacing (>= 1.2e-4) exceeds 40 steps of 1e-5
+    moved = lambda w: float((w != start)[big].float().mean())  # noqa: E731
+    assert moved(model[0].weight) > 0.1  # the masters moved some of them ...
+    assert moved(plain[0].weight) == 0.0  # ... bf16 AdamW alone rounded every update away
+
+
+def test_master_weights_state_dict_resumes_exactly_and_refuses_a_plain_state():
+    import torch.nn.functional as F  # noqa: F401
+
+    model, opt = _bf16_linear_and_masters(lr=1e-3)
+    for step in range(2):
+        opt.zero_grad()
+        _grads(model, step)
+        opt.step()
+    saved, weights = opt.state_dict(), copy.deepcopy(model.state_dict())
+    assert all(t.dtype == torch.float32 for t in saved["master_weights"].values())
+    model2, opt2 = _bf16_linear_and_masters(lr=0.5)
+    model2.load_state_dict(weights)
+    opt2.load_state_dict(saved)
+    assert opt2.param_groups[0]["lr"] == 1e-3
+    for m, mm in ((model, opt), (model2, opt2)):
+        for step in range(2, 4):
+            mm.zero_grad()
+            _grads(m, step)
+            mm.step()
+    assert all(torch.equal(a, b) for a, b in zip(opt.masters, opt2.masters))
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), model2.parameters()))
+    plain = torch.optim.AdamW(model.parameters()).state_dict()
+    with pytest.raises(ValueError, match="master_weights=none"):
+        opt2.load_state_dict(plain)
+
+
+def test_trainer_offload_moves_the_master_weights_too():
+    from k15sys.train.hybrid import TrainerOffload
+
+    model, opt = _bf16_linear_and_masters()
+    _grads(model, 0)
+    opt.step()
+    off = TrainerOffload(model, opt, torch.device("cpu"))
+    off.enabled = True  # the device path, with the CPU as the device
+    module, rest = off.tensors()
+    masters = [m for m in opt.masters if m.dtype == torch.float32 and all(m is not p for p in model.parameters())]
+    assert len(masters) == 2 and all(any(m is t for t in rest) for m in masters)
+    before = [t.clone() for t in module + rest]
+    off.offload()
+    off.onload()
+    assert all(torch.equal(t, b) for t, b in zip(module + rest, before))
+
+
+def test_bf16_model_trains_resumes_and_checkpoints_fp32_masters(tmp_path):
+    """The toy run in bf16 with model.master_weights=fp32 (the default): the checkpoint holds bf16 weights and fp32
+    masters, and a resumed run ends where the uninterrupted one does."""
+    from k15sys.train.checkpoint import latest_checkpoint, load_checkpoint
+    from k15sys.train.trainer import Trainer
+
+    opts = ["sft.steps=2", "sft.batch_size=4", "rl.prompts_per_iteration=2", "rl.group_size=2", "rl.minibatch_size=4",
+            "rl.max_new_tokens=8", "rl.skip_zero_advantage=false", "task.num_train=8", "task.num_eval=2",
+            "eval.every=10", "run.checkpoint_every=1", "run.threads=1", "run.progress=false", "run.tensorboard=false",
+            "model.hidden_size=16", "model.intermediate_size=32", "model.num_layers=1", "model.dtype=bfloat16"]
+    Trainer(load_config(None, [*opts, "rl.iterations=2", f"run.output_dir={tmp_path / 'a'}"])).run()
+    Trainer(load_config(None, [*opts, "rl.iterations=1", f"run.output_dir={tmp_path / 'b'}"])).run()
+    Trainer(load_config(None, [*opts, "rl.iterations=2", f"run.output_dir={tmp_path / 'b'}"])).run(resume=True)
+    a, b = (load_checkpoint(latest_checkpoint(tmp_path / r / "checkpoints")) for r in "ab")
+    assert a["iteration"] == b["iteration"] == 2
+    assert all(t.dtype == torch.bfloat16 for t in a["model"].values() if t.is_floating_point())
+    assert all(t.dtype == torch.float32 for t in a["optimizer"]["master_weights"].values())
+    for name, t in a["optimizer"]["master_weights"].items():
+        assert torch.equal(t, b["optimizer"]["master_weights"][name]), name
+        assert torch.equal(t.to(torch.bfloat16), a["model"][name.removeprefix("lm.")]), name

@@ -72,6 +72,10 @@ class ModelConfig:
     dtype: str = _opt("auto", "parameter dtype: auto = bfloat16 for model.path on a GPU, else float32",
                       choices=("auto", "float32", "bfloat16"))
     gradient_checkpointing: bool = _opt(False, "recompute decoder layers in the backward pass (less activation memory)")
+    master_weights: str = _opt("fp32", "optimizer steps on fp32 copies of bfloat16 parameters, which then take the rounded "
+                               "result (bf16 alone drops updates below 1/256 of a weight); none = step the bf16 "
+                               "parameters directly (less memory); no effect on float32 models",
+                               choices=("fp32", "none"))
 
 
 @dataclass

@@ -18,6 +18,7 @@ import torch.distributed as dist
 from torch import nn
 
 from k15sys.train.config import ConfigError
+from k15sys.train.optim import MasterWeights
 
 
 def init_from_env(device: str = "auto") -> None:
@@ -126,6 +127,8 @@ def load_full_state_dict(lm: nn.Module, state: dict[str, torch.Tensor]) -> None:
 
 def full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """The optimizer state, unsharded (identical on every rank count-independent layout)."""
+    if isinstance(optimizer, MasterWeights):  # name-keyed full tensors already, any rank count
+        return optimizer.state_dict()
     if not _distributed():
         return copy_state(optimizer.state_dict())
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
@@ -135,6 +138,9 @@ def full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer
 
 def load_full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
     """Inverse of :func:`full_optimizer_state_dict`."""
+    if isinstance(optimizer, MasterWeights):
+        optimizer.load_state_dict(state)
+        return
     if not _distributed():
         optimizer.load_state_dict(state)
         return

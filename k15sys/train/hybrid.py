@@ -14,6 +14,8 @@ the mirror.
 """
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -35,7 +37,7 @@ class TrainerOffload:
         device: the accelerator the trainer runs on; a CPU device makes both calls no-ops (``enabled`` False).
     """
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device) -> None:
+    def __init__(self, model: nn.Module, optimizer: Any, device: torch.device) -> None:
         self.model, self.optimizer, self.device = model, optimizer, torch.device(device)
         self.enabled = self.device.type != "cpu"
         self.mirror = HostMirror(self.device)

@@ -28,6 +28,7 @@ from k15sys.train import distributed as dist_utils
 from k15sys.train.config import Config, ConfigError
 from k15sys.train.evaluation import evaluate, score
 from k15sys.train.model import export_model
+from k15sys.train.optim import build_optimizer
 from k15sys.train.packing import pack
 from k15sys.train.trainer import Trainer, intra_op_threads
 
@@ -63,8 +64,8 @@ def _samples(tr: Trainer) -> list[tuple[list[int], list[list[int]], list[bool]]]
             for i in range(len(problems))]
 
 
-def _optimizer(tr: Trainer, lr: float) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(tr.policy.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
+def _optimizer(tr: Trainer, lr: float) -> Any:
+    return build_optimizer("adamw", tr.policy, lr=lr, master_weights=tr.cfg.model.master_weights == "fp32")
 
 
 def run_merge(tr: Trainer) -> dict[str, Any]:

@@ -17,6 +17,7 @@ import torch
 
 from k15sys.tasks.base import SFTBatch
 from k15sys.train.config import SFTConfig
+from k15sys.train.optim import build_optimizer
 from k15sys.train.packing import pack
 from k15sys.train.policy import PackedPolicy
 
@@ -41,14 +42,15 @@ class WarmUp:
         cfg: steps, batch size and optimizer settings.
         seed: seed of the RNG handed to ``examples``.
         pad_id: padding id of packed rows; row_tokens: tokens per packed row (0 = one row).
+        master_weights: step fp32 copies of bf16/fp16 parameters (:mod:`k15sys.train.optim`).
     """
 
     def __init__(self, policy: PackedPolicy, examples: Callable[[random.Random, int], SFTBatch], cfg: SFTConfig,
-                 *, seed: int, pad_id: int = 0, row_tokens: int = 0) -> None:
+                 *, seed: int, pad_id: int = 0, row_tokens: int = 0, master_weights: bool = False) -> None:
         self.policy, self.examples, self.cfg = policy, examples, cfg
         self.pad_id, self.row_tokens = pad_id, row_tokens
         self.rng = random.Random(seed)
-        self.opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
+        self.opt = build_optimizer("adamw", policy, lr=cfg.lr, weight_decay=cfg.weight_decay, master_weights=master_weights)
         self.step = 0
 
     def state_dict(self) -> dict[str, Any]:

@@ -49,6 +49,7 @@ from k15sys.train.evaluation import evaluate
 from k15sys.train.hybrid import TrainerOffload
 from k15sys.train.metrics import MetricsLog
 from k15sys.train.model import build_lm, build_tokenizer, check_context_length
+from k15sys.train.optim import build_optimizer
 from k15sys.train.packing import pack
 from k15sys.train.policy import PackedPolicy
 from k15sys.train.progress import expected_iterations, progress_bar
@@ -187,15 +188,14 @@ class Trainer:
             lm.set_attn_implementation(register())
         self.policy = dist_utils.shard(PackedPolicy(lm.to(self.device)))
         self.weight_sync = WeightSync(self.policy.lm, self.engine)
-        if cfg.rl.optimizer == "sgd":
-            self.optimizer: torch.optim.Optimizer = torch.optim.SGD(self.policy.parameters(), lr=cfg.rl.lr, momentum=0.9)
-        else:
-            self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=cfg.rl.lr, betas=(0.9, 0.98), weight_decay=0.0)
+        masters = cfg.model.master_weights == "fp32"  # fp32 copies stepped for bf16 parameters (k15sys.train.optim)
+        self.optimizer: Any = build_optimizer(cfg.rl.optimizer, self.policy, lr=cfg.rl.lr, master_weights=masters)
         # hybrid deployment: the trainer's memory (plain or FSDP2-sharded) goes to the host while the engine generates
         self.offload = TrainerOffload(self.policy, self.optimizer, self.device)
         sft_cfg = cfg.sft if self.task.has_sft else dataclasses.replace(cfg.sft, steps=0)  # no traces: no warm-up
         self.warmup: WarmUp | None = WarmUp(self.policy, self.task.sft_examples, sft_cfg, seed=cfg.run.seed,
-                                            pad_id=tok.pad_token_id, row_tokens=cfg.run.pack_row_tokens)
+                                            pad_id=tok.pad_token_id, row_tokens=cfg.run.pack_row_tokens,
+                                            master_weights=masters)
         self.scheduler = PartialRolloutScheduler(
             self.engine, self._make_sampler(), self.prompts,
             group_size=cfg.rl.group_size,
