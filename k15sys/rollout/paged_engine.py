@@ -10,7 +10,8 @@ every in-place update. Around them:
   ``max_num_seqs`` and the pages left); when growing sequences run out of pages, the latest admitted ones are
   preempted and later prefilled again from their tokens so far (the draws do not change: they are keyed by
   seed and position);
-- prefill of the waiting prompts packed together (``k15sys.ops.varlen_attention``), then decode rounds of
+- prefill of the waiting prompts packed together (``k15sys.ops.varlen_attention``), in passes of at most
+  ``max_prefill_tokens`` until the sequence budget or the cache is full, then decode rounds of
   ``sync_every`` steps that stay on the device: tokens, positions and cache slots are advanced on the device,
   and the host looks at the tokens once per round (stop tokens, repeat loops, budgets) -- a sequence that
   stopped inside a round computes a few throw-away steps instead of forcing a sync per token;
@@ -570,7 +571,9 @@ class _Run:
         e = self.e
         try:
             while self.waiting or self.preempted or self.running:
-                admitted = self._admit()
+                admitted = False
+                while self._admit():  # prefill chunks until nothing more fits: decode rounds run full batches
+                    admitted = True
                 if self.running:
                     self._decode_round()
                 elif not admitted:
