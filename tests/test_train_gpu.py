@@ -207,3 +207,81 @@ def test_trainer_offload_round_trip_with_fsdp2(tmp_path):
     plain, offloaded = res["finals"]
     assert all(torch.equal(plain[k], offloaded[k]) for k in plain)
     assert min(res["freed"]) >= 3 * res["param_bytes"], res
+
+
+@pytest.fixture
+def gsm8k_qwen2(tmp_path):
+    """A tiny random Qwen2 directory with a locally trained BPE tokenizer (k15sys.train.scratch_model), and GSM8K
+    JSONL files (train, eval, SFT traces), as a user brings them (docs/your_model.md)."""
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+    from hf_fixtures import gsm8k_rows, gsm8k_traces, read_jsonl, write_jsonl, DATA
+
+    from k15sys.train.scratch_model import save_scratch_model, train_tokenizer
+
+    texts = [r["question"] + "\n" + r["answer"] for r in read_jsonl(DATA / "gsm8k_test.jsonl")[:300]]
+    model = save_scratch_model(tmp_path / "model", train_tokenizer(texts, vocab_size=600), arch="qwen2", hidden_size=64,
+                               intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2)
+    return {"model": model, "train": write_jsonl(tmp_path / "train.jsonl", gsm8k_rows(0, 16)),
+            "eval": write_jsonl(tmp_path / "eval.jsonl", gsm8k_rows(100, 4)),
+            "sft": write_jsonl(tmp_path / "sft.jsonl", gsm8k_traces(0, 16))}
+
+
+MODEL_PATH_RUN = ["sft.steps=2", "sft.batch_size=4", "sft.lr=1e-3", "rl.prompts_per_iteration=4", "rl.group_size=2",
+                  "rl.minibatch_size=4", "rl.max_new_tokens=16", "rl.skip_zero_advantage=false", "eval.every=1",
+                  "run.progress=false", "run.tensorboard=false", "run.device=cuda"]
+
+
+def test_model_path_run_on_cuda_colocated_bf16_with_master_weights(tmp_path, gsm8k_qwen2):
+    """The whole loop on a transformers directory on the GPU: bf16 (model.dtype auto) with fp32 master weights,
+    PagedEngine rollouts, colocated (the trainer through pinned host buffers, the engine at sleep level 2 and
+    refilled by the weight sync); metrics, a checkpoint with the masters, `k15 export` loading in transformers,
+    and `--resume` continuing the run."""
+    from transformers import AutoModelForCausalLM
+
+    from k15sys.cli import main
+    from k15sys.rollout import PagedEngine
+    from k15sys.train.checkpoint import latest_checkpoint, load_checkpoint
+    from k15sys.train.optim import MasterWeights
+
+    g, run = gsm8k_qwen2, tmp_path / "run"
+    opts = [f"model.path={g['model']}", f"data.train={g['train']}", f"data.eval={g['eval']}", f"sft.data={g['sft']}",
+            *MODEL_PATH_RUN, "run.colocate=true", f"run.output_dir={run}"]
+    trainer = Trainer(load_config(None, [*opts, "rl.iterations=2"]))
+    assert isinstance(trainer.engine, PagedEngine) and isinstance(trainer.optimizer, MasterWeights)
+    assert next(trainer.policy.parameters()).dtype == torch.bfloat16
+    trainer.run()
+    rows = _rows(run)
+    assert [r["iteration"] for r in rows] == [0, 1, 2] and rows[0]["stage"] == "sft"
+    assert all(r["rl/groups"] == 4 and r["rl/train_tokens"] > 0 and torch.isfinite(torch.tensor(r["rl/loss"]))
+               for r in rows[1:])
+    assert trainer.engine._discarded_at is not None  # the engine slept at level 2 and was refilled
+    for (name, p), q in zip(trainer.policy.lm.named_parameters(), trainer.engine.model.parameters()):
+        assert torch.equal(p.detach(), q.detach()), name
+    assert not trainer.offload.offloaded and trainer.offload.mirror.allocations >= 1
+    state = load_checkpoint(latest_checkpoint(run / "checkpoints"))
+    masters = state["optimizer"]["master_weights"]
+    assert all(t.dtype == torch.float32 for t in masters.values())
+    assert all(torch.equal(t.to(torch.bfloat16), state["model"][n.removeprefix("lm.")]) for n, t in masters.items())
+    del trainer
+    out = tmp_path / "exported"
+    assert main(["export", str(run), "--out", str(out)]) == 0
+    exported = dict(AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16).named_parameters())
+    assert all(torch.equal(exported[k], state["model"][k]) for k in exported)
+    assert main(["train", "--output-dir", str(run), "--resume",
+                 *[a for o in [*opts[:-1], "rl.iterations=3"] for a in ("--set", o)]]) == 0
+    assert [r["iteration"] for r in _rows(run)] == [0, 1, 2, 3]
+
+
+@pytest.mark.timeout(400)
+def test_model_path_run_under_torchrun_one_gpu_nccl(tmp_path, gsm8k_qwen2):
+    """`torchrun --nproc-per-node 1 k15 train` with model.path on CUDA (NCCL group of one rank), colocated."""
+    g, run = gsm8k_qwen2, tmp_path / "run"
+    opts = [f"model.path={g['model']}", f"data.train={g['train']}", f"data.eval={g['eval']}", *MODEL_PATH_RUN,
+            "sft.steps=0", "rl.iterations=2", "run.colocate=true"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1", "-m", "k15sys.cli",
+           "train", "--output-dir", str(run), *[f"--set={o}" for o in opts]]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = _rows(run)
+    assert [r["iteration"] for r in rows] == [0, 1, 2] and all(r["rl/train_tokens"] > 0 for r in rows[1:])
+    assert (run / "checkpoints").is_dir()
