@@ -229,6 +229,49 @@ def test_paged_decode_attention_matches_float64(backend, d):
         paged_decode_attention(q.to(dev), kc.to(dev), vc.to(dev), bt.to(dev), lens.to(dev), splits=3, backend="triton")
 
 
+@pytest.mark.parametrize("d", [32, 24])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_paged_decode_attention_files_and_rotates_the_newest_token(backend, d):
+    """new_kv / rotary: the newest token's key and value come separately, q and that key are rotated at its
+    position, the key / value land in its cache slot, and attention covers it (float64 reference)."""
+    if backend == "triton" and not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("triton needs CUDA or TRITON_INTERPRET=1")
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(1)
+    pages, page, hkv, hq = 48, 8, 2, 6
+    kc, vc = torch.randn(pages, page, hkv, d, generator=g), torch.randn(pages, page, hkv, d, generator=g)
+    lens = torch.tensor([1, 8, 9, 33, 101], dtype=torch.int32)
+    bt = torch.zeros(len(lens), 16, dtype=torch.int32)
+    perm, k = torch.randperm(pages - 1, generator=g) + 1, 0
+    for b, n in enumerate(lens.tolist()):
+        m = -(-n // page)
+        bt[b, :m], k = perm[k: k + m], k + m
+    q = torch.randn(len(lens), hq, d, generator=g)
+    k_new, v_new = torch.randn(len(lens), hkv, d, generator=g), torch.randn(len(lens), hkv, d, generator=g)
+    angle = torch.arange(128, dtype=torch.float64)[:, None] * 0.1 ** torch.arange(d // 2, dtype=torch.float64)
+    cos, sin = torch.cat([angle.cos()] * 2, 1), torch.cat([angle.sin()] * 2, 1)
+
+    def rot(x, p):  # float64 rotate-half at position p
+        x = x.double()
+        return x * cos[p] + torch.cat((-x[..., d // 2:], x[..., : d // 2]), -1) * sin[p]
+
+    ref_k, ref_v = kc.clone(), vc.clone()
+    ref_q = torch.empty(q.shape, dtype=torch.float64)
+    for b, n in enumerate(lens.tolist()):
+        p = n - 1
+        ref_k[bt[b, p // page], p % page] = rot(k_new[b], p).float()
+        ref_v[bt[b, p // page], p % page] = v_new[b]
+        ref_q[b] = rot(q[b], p)
+    ref = _naive_paged(ref_q, ref_k, ref_v, bt, lens, d ** -0.5)
+    for splits in (1, 4):
+        kcd, vcd = kc.clone().to(dev), vc.clone().to(dev)
+        out = paged_decode_attention(q.to(dev), kcd, vcd, bt.to(dev), lens.to(dev), splits=splits, backend=backend,
+                                     new_kv=(k_new.to(dev), v_new.to(dev)),
+                                     rotary=(cos.float().to(dev), sin.float().to(dev)))
+        assert (out.cpu().double() - ref).abs().max() < 1e-4
+        assert (kcd.cpu() - ref_k).abs().max() < 1e-5 and torch.equal(vcd.cpu(), ref_v)
+
+
 @pytest.mark.parametrize("build", [_qwen2, _llama, _qwen3], ids=["qwen2", "llama", "qwen3"])
 def test_engine_with_triton_kernels_on_interpreter(build):
     """Decode attention, fused norms and rotary / cache writes as Triton kernels (the CUDA path, without graphs)."""

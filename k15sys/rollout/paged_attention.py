@@ -30,6 +30,27 @@ def _torch_paged(q, k_cache, v_cache, block_tables, seq_lens, scale):
     return o.reshape(B, HQ, D).to(q.dtype)
 
 
+def _file_newest(q, new_kv, rotary, k_cache, v_cache, block_tables, seq_lens) -> torch.Tensor:
+    """The torch backend's ``new_kv`` / ``rotary``: rotate q and the new key, write the new key / value into their
+    cache slots; returns the rotated q."""
+    k, v = new_kv
+    pos = seq_lens.long() - 1
+    if rotary is not None:
+        cos, sin = (t[pos][:, None, :].float() for t in rotary)
+        half = q.shape[-1] // 2
+
+        def rot(x):
+            xf = x.float()
+            return (xf * cos + torch.cat((-xf[..., half:], xf[..., :half]), -1) * sin).to(x.dtype)
+
+        q, k = rot(q), rot(k)
+    page = k_cache.shape[1]
+    pages = block_tables.gather(1, (pos // page)[:, None]).squeeze(1).long()
+    k_cache[pages, pos % page] = k.to(k_cache.dtype)
+    v_cache[pages, pos % page] = v.to(v_cache.dtype)
+    return q
+
+
 def default_splits(batch: int, kv_heads: int, device: torch.device, context: int | None = None) -> int:
     """Splits of the context per (sequence, kv head): enough programs to fill the GPU about four times, but no
     split shorter than ``_MIN_SPLIT_TOKENS`` of a ``context``-token sequence (one split needs no merge)."""
@@ -52,6 +73,8 @@ def paged_decode_attention(
     softmax_scale: float | None = None,
     splits: int | None = None,
     backend: Backend = "auto",
+    new_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+    rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Attention of one new token per sequence over its paged context (GQA).
 
@@ -64,6 +87,12 @@ def paged_decode_attention(
         splits: context splits per (sequence, kv head) for the triton kernel (a power of two; default
             from the batch size and the GPU). Checked cheaply: no host sync, so CUDA graphs can capture it.
         backend: ``"auto"`` | ``"triton"`` | ``"torch"``.
+        new_kv: ``(k, v)``, each ``[B, Hkv, D]``: the newest token's key and value (position ``seq_lens - 1``),
+            written into its cache slot (through ``block_tables``) by this call; the cache then holds only
+            the older tokens on entry. Without it the cache holds all ``seq_lens`` tokens.
+        rotary: ``(cos, sin)`` tables ``[positions, D]`` (rotate-half convention, as transformers' Llama /
+            Qwen2): q and the new key are rotated at position ``seq_lens - 1`` first (needs ``new_kv`` and
+            an even D). Rounding as a separate rotary pass: fp32 arithmetic, rounded to the input dtype.
 
     Returns:
         ``[B, Hq, D]`` in q's dtype.
@@ -80,9 +109,16 @@ def paged_decode_attention(
     if block_tables.dim() != 2 or block_tables.shape[0] != B or seq_lens.shape != (B,):
         raise ValueError(f"block_tables/seq_lens: expected [B, max_pages] and [B] for B={B}, got "
                          f"{tuple(block_tables.shape)}, {tuple(seq_lens.shape)}")
+    if rotary is not None and (new_kv is None or D % 2):
+        raise ValueError("rotary: needs new_kv and an even head dim")
+    if new_kv is not None and (new_kv[0].shape != (B, HKV, D) or new_kv[1].shape != (B, HKV, D)):
+        raise ValueError(f"new_kv: expected two [B, Hkv, D] = {(B, HKV, D)} tensors, got "
+                         f"{tuple(new_kv[0].shape)}, {tuple(new_kv[1].shape)}")
     backend = pick_backend(backend, q.device)
     scale = softmax_scale if softmax_scale is not None else D ** -0.5
     if backend == "torch":
+        if new_kv is not None:
+            q = _file_newest(q, new_kv, rotary, k_cache, v_cache, block_tables, seq_lens)
         return _torch_paged(q, k_cache, v_cache, block_tables, seq_lens, scale)
     if D > 256:
         raise ValueError(f"q: head dim {D} is not supported by the triton backend (at most 256; or backend='torch')")
@@ -103,12 +139,18 @@ def paged_decode_attention(
     else:
         o_part = torch.empty(B, HQ, splits, D, dtype=torch.float32, device=q.device)
         lse_part = torch.empty(B, HQ, splits, dtype=torch.float32, device=q.device)
+    kn, vn = new_kv if new_kv is not None else (q, q)
+    cos, sin = rotary if rotary is not None else (q[0], q[0])
+    if kn.stride(2) != 1 or vn.stride(2) != 1 or cos.stride(1) != 1 or sin.stride() != cos.stride():
+        raise ValueError("new_kv/rotary: the head dim must be contiguous and cos / sin laid out alike")
     _paged_decode_kernel[(B, HKV, splits)](
         q, k_cache, v_cache, block_tables, seq_lens, o_part, lse_part, scale * _LOG2E,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         o_part.stride(0), o_part.stride(1), o_part.stride(2),
+        kn, vn, cos, sin, kn.stride(0), kn.stride(1), vn.stride(0), vn.stride(1), cos.stride(0),
         GROUP=group, GROUP_PAD=max(16, 1 << (group - 1).bit_length()), PAGE=page, BLOCK_N=block_n, D=D,
-        D_PAD=d_pad, IEEE=q.dtype == torch.float32, FINAL=final, num_warps=4, num_stages=2)
+        D_PAD=d_pad, IEEE=q.dtype == torch.float32, FINAL=final, NEW_KV=new_kv is not None,
+        ROPE=rotary is not None, num_warps=4, num_stages=2)
     if not final:
         _combine_kernel[(B * HQ,)](o_part, lse_part, out, o_part.stride(0), o_part.stride(1), o_part.stride(2),
                                    out.stride(0), out.stride(1), HQ, SPLITS=splits, D=D, D_PAD=d_pad, num_warps=4)

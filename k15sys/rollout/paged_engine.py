@@ -83,12 +83,15 @@ class _Decoder:
         return cos[0].contiguous(), sin[0].contiguous()
 
     def forward(self, ids: torch.Tensor, pos: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], kv: torch.Tensor,
-                slots: torch.Tensor, attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor],
+                slots: torch.Tensor | None,
+                attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor],
                 fused: bool = False) -> torch.Tensor:
         """Hidden states after the final norm, ``[T, hidden]``, of tokens ``ids`` at positions ``pos``. Writes each
         token's K/V to ``slots`` of the cache ``kv`` ([layers, 2, pages * page_size, Hkv, D]); ``attend(q, k, v,
         layer)`` gives the attention output. ``fused``: norms and rotary embedding through the Triton kernels of
-        ``k15sys.kernels.paged_fused`` (fewer kernels per step); otherwise the model's own modules."""
+        ``k15sys.kernels.paged_fused`` (fewer kernels per step); otherwise the model's own modules. With
+        ``fused`` and ``slots=None``, ``attend`` gets q / k before the rotary embedding and files k / v itself
+        (``paged_decode_attention``'s ``new_kv`` / ``rotary``)."""
         if fused:
             return self._forward_fused(ids, pos, rope, kv, slots, attend)
         T = ids.shape[0]
@@ -146,11 +149,12 @@ class _Decoder:
                        for t in torch.nn.functional.linear(h, w_qkv, b_qkv).split(sizes, dim=-1))
             if hasattr(a, "q_norm"):
                 q, k = a.q_norm(q), a.k_norm(k)
-            kc, vc = kv[i, 0], kv[i, 1]
-            _rope_store_kernel[(T,)](q, k, v, cos, sin, pos, slots, kc, vc, q.stride(0), q.stride(1), k.stride(0),
-                                     k.stride(1), v.stride(0), v.stride(1), cos.stride(0), kc.stride(0), kc.stride(1),
-                                     self.num_heads, self.num_kv_heads, H_PAD=hq_pad, HALF=self.head_dim // 2,
-                                     HALF_PAD=half_pad, num_warps=4)
+            if slots is not None:
+                kc, vc = kv[i, 0], kv[i, 1]
+                _rope_store_kernel[(T,)](q, k, v, cos, sin, pos, slots, kc, vc, q.stride(0), q.stride(1),
+                                         k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos.stride(0),
+                                         kc.stride(0), kc.stride(1), self.num_heads, self.num_kv_heads, H_PAD=hq_pad,
+                                         HALF=self.head_dim // 2, HALF_PAD=half_pad, num_warps=4)
             delta = a.o_proj(attend(q, k, v, i).reshape(T, -1))
             norm(delta, layer.post_attention_layernorm)
             gu = torch.nn.functional.linear(h, w_gu, b_gu)
@@ -487,14 +491,19 @@ class PagedEngine:
         tokens, pos, tables = self._tokens[:n], self._pos[:n], self._tables[:n]
         page = self.page_size
         seq_lens = (pos + 1).to(torch.int32)
-        slots = tables.gather(1, (pos // page)[:, None]).squeeze(1).long() * page + pos % page
+        slots = None  # fused: the attention kernel rotates and files the new K/V itself
+        if not self.fused_kernels:
+            slots = tables.gather(1, (pos // page)[:, None]).squeeze(1).long() * page + pos % page
         kv = self._kv
         pages = kv.view(kv.shape[0], 2, self.num_pages, page, kv.shape[-2], kv.shape[-1])
+        rotary = (self._cos, self._sin)
 
         def attend(q, k, v, layer):
             return paged_decode_attention(q, pages[layer, 0], pages[layer, 1], tables, seq_lens,
                                           softmax_scale=self.decoder.scale, splits=splits,
-                                          backend=self.attention_backend)
+                                          backend=self.attention_backend,
+                                          new_kv=None if slots is not None else (k, v),
+                                          rotary=None if slots is not None else rotary)
 
         hidden = self.decoder.forward(tokens, pos, (self._cos, self._sin), kv, slots, attend, self.fused_kernels)
         return self.decoder.logits(hidden)
