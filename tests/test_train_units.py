@@ -707,6 +707,11 @@ def test_bf16_model_trains_resumes_and_checkpoints_fp32_masters(tmp_path):
             "rl.max_new_tokens=8", "rl.skip_zero_advantage=false", "task.num_train=8", "task.num_eval=2",
             "eval.every=10", "run.checkpoint_every=1", "run.threads=1", "run.progress=false", "run.tensorboard=false",
             "model.hidden_size=16", "model.intermediate_size=32", "model.num_layers=1", "model.dtype=bfloat16"]
+    tr = Trainer(load_config(None, [*opts, "rl.iterations=2", f"run.output_dir={tmp_path / 'a'}"]))
+    start = [m.detach().clone() for m in tr.optimizer.masters]
+    tr.sft()  # the warm-up's own optimizer moves the parameters: RL's masters follow them
+    assert not all(torch.equal(m, s) for m, s in zip(tr.optimizer.masters, start))
+    assert all(torch.equal(m, p.float()) for m, p in zip(tr.optimizer.masters, tr.optimizer.params))
     Trainer(load_config(None, [*opts, "rl.iterations=2", f"run.output_dir={tmp_path / 'a'}"])).run()
     Trainer(load_config(None, [*opts, "rl.iterations=1", f"run.output_dir={tmp_path / 'b'}"])).run()
     Trainer(load_config(None, [*opts, "rl.iterations=2", f"run.output_dir={tmp_path / 'b'}"])).run(resume=True)

@@ -88,6 +88,14 @@ class MasterWeights:
             p.copy_(m)
             m.grad = None
 
+    @torch.no_grad()
+    def sync_masters(self) -> None:
+        """Make every master the exact value of its parameter again, after something else changed the parameters
+        (the SFT warm-up steps them with an optimizer of its own); the optimizer state is kept."""
+        for p, m in zip(self.params, self.masters):
+            if m is not p:
+                m.copy_(p)
+
     def state_dict(self) -> dict[str, Any]:
         """Masters and optimizer state as full host tensors keyed by parameter name (FSDP2 shards gathered: a
         collective under torchrun), and the hyper-parameters of each group; independent of the rank count."""
@@ -101,7 +109,9 @@ class MasterWeights:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Inverse of :meth:`state_dict` (any rank count); the module's parameters take the loaded masters.
+        """Inverse of :meth:`state_dict` (any rank count). The module's parameters are not touched: they come from
+        the checkpoint's model weights, which are the masters rounded (or, saved during the SFT warm-up, newer than
+        this optimizer's masters, which :meth:`sync_masters` refreshes when the warm-up ends).
 
         Raises:
             ValueError: ``state`` has no master weights (written with ``model.master_weights=none``) or other names.
@@ -113,11 +123,9 @@ class MasterWeights:
             missing = sorted(set(self.names) ^ set(state["master_weights"]))
             raise ValueError(f"optimizer state: its master weights do not match the model's parameters ({missing[:5]})")
         with torch.no_grad():
-            for n, p, m in zip(self.names, self.params, self.masters):
+            for n, m in zip(self.names, self.masters):
                 src = _like(state["master_weights"][n], m)
                 (m.to_local() if hasattr(m, "device_mesh") else m).copy_(src.to_local() if hasattr(src, "device_mesh") else src)
-                if m is not p:
-                    p.copy_(m)
         position = {n: i for i, n in enumerate(self.names)}
         inner = {
             "state": {position[n]: {k: _like(v, self.masters[position[n]]) if torch.is_tensor(v) else v

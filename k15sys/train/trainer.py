@@ -49,7 +49,7 @@ from k15sys.train.evaluation import evaluate
 from k15sys.train.hybrid import TrainerOffload
 from k15sys.train.metrics import MetricsLog
 from k15sys.train.model import build_lm, build_tokenizer, check_context_length
-from k15sys.train.optim import build_optimizer
+from k15sys.train.optim import MasterWeights, build_optimizer
 from k15sys.train.packing import pack
 from k15sys.train.policy import PackedPolicy
 from k15sys.train.progress import expected_iterations, progress_bar
@@ -311,6 +311,8 @@ class Trainer:
             if c.sft.checkpoint_every and w.step % c.sft.checkpoint_every == 0 and w.step < c.sft.steps:
                 self.save()
         self.warmup = None  # its AdamW moments are not needed by RL
+        if isinstance(self.optimizer, MasterWeights):  # the warm-up moved the parameters past RL's fp32 copies
+            self.optimizer.sync_masters()
         self.sync_weights()
         return True
 
