@@ -71,6 +71,9 @@ FWD_CONFIG: dict[int, tuple[int, int, int, int]] = {128: (128, 128, 8, 3), 64: (
 DKDV_CONFIG: dict[int, tuple[int, int, int, int]] = {128: (64, 128, 8, 3), 64: (64, 128, 8, 2)}
 DQ_CONFIG: dict[int, tuple[int, int, int, int]] = {128: (128, 64, 8, 4), 64: (128, 64, 8, 3)}
 _INTERPRETER_CONFIG = (16, 16, 4, 1)
+# how the backward gets dQ, per head dim: 0 = its own kernel (recomputes QK^T and dP), 1 = fp32 atomic adds from
+# the dK/dV kernel, 2 = the same as one bulk (TMA) reduce-add per tile (CUDA only; the interpreter runs 1)
+DQ_MODE: dict[int, int] = {128: 0, 64: 0}
 
 
 def _precision(q: torch.Tensor) -> str:
@@ -82,6 +85,11 @@ def _config(table: dict[int, tuple[int, int, int, int]], q: torch.Tensor) -> tup
     if q.device.type != "cuda":
         return _INTERPRETER_CONFIG
     return table.get(q.shape[-1], table[64])
+
+
+def _dq_mode(q: torch.Tensor) -> int:
+    mode = DQ_MODE.get(q.shape[-1], DQ_MODE[64])
+    return 1 if mode == 2 and q.device.type != "cuda" else mode
 
 
 def _desc(t: torch.Tensor, rows: int):
@@ -119,32 +127,42 @@ class _VarlenAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do):
-        from k15sys.kernels.varlen_attention import _bwd_dkdv_kernel, _bwd_dq_kernel, _bwd_pre_kernel
-
         q, k, v, o, lse, cu = ctx.saved_tensors
-        max_seqlen, causal, scale = ctx.cfg
-        do = _aligned(do)
-        T, HQ, D = q.shape
-        HKV = k.shape[1]
-        group = HQ // HKV
-        delta = torch.empty(T, HQ, dtype=torch.float32, device=q.device)
-        pre = 64 if q.device.type == "cuda" else 16
-        _bwd_pre_kernel[(triton_cdiv(T * HQ, pre),)](o, do, delta, T, HQ, o.stride(0), o.stride(1), BLOCK=pre, D=D)
-        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        nb = cu.numel() - 1
-        bm, bn, warps, stages = _config(DKDV_CONFIG, q)
-        _bwd_dkdv_kernel[(triton_cdiv(max_seqlen, bn), nb * HKV)](
-            _desc(q, bm), k, v, _desc(do, bm), lse, delta, dk, dv, cu, scale * _LOG2E, scale, HQ, HKV,
-            k.stride(0), k.stride(1), v.stride(0), v.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
-            GROUP=group, CAUSAL=causal, BLOCK_M=bm, BLOCK_N=bn, D=D, PREC=_precision(q), num_warps=warps,
-            num_stages=stages)
-        bm, bn, warps, stages = _config(DQ_CONFIG, q)
-        _bwd_dq_kernel[(triton_cdiv(max_seqlen, bm), nb * HQ)](
-            q, _desc(k, bn), _desc(v, bn), do, lse, delta, dq, cu, scale * _LOG2E, scale, HQ,
-            q.stride(0), q.stride(1), do.stride(0), do.stride(1), dq.stride(0), dq.stride(1),
-            GROUP=group, CAUSAL=causal, BLOCK_M=bm, BLOCK_N=bn, D=D, PREC=_precision(q), num_warps=warps,
-            num_stages=stages)
-        return dq, dk, dv, None, None, None, None
+        return (*_backward(q, k, v, o, lse, _aligned(do), cu, *ctx.cfg), None, None, None, None)
+
+
+def _backward(q, k, v, o, lse, do, cu, max_seqlen: int, causal: bool, scale: float):
+    """dq, dk, dv: delta = rowsum(dO * O) first, then the dK/dV kernel (adding dQ atomically into an fp32
+    buffer when ``DQ_MODE`` says so) and, for mode 0, the dQ kernel."""
+    from k15sys.kernels.varlen_attention import _bwd_dkdv_kernel, _bwd_dq_kernel, _bwd_pre_kernel
+
+    T, HQ, D = q.shape
+    HKV = k.shape[1]
+    group = HQ // HKV
+    delta = torch.empty(T, HQ, dtype=torch.float32, device=q.device)
+    pre = 64 if q.device.type == "cuda" else 16
+    _bwd_pre_kernel[(triton_cdiv(T * HQ, pre),)](o, do, delta, T, HQ, o.stride(0), o.stride(1), BLOCK=pre, D=D)
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
+    nb = cu.numel() - 1
+    mode = _dq_mode(q)
+    bm, bn, warps, stages = _config(DKDV_CONFIG, q)
+    dq_acc = torch.zeros(T, HQ, D, dtype=torch.float32, device=q.device) if mode else None
+    dq_arg = _desc(dq_acc, bm) if mode == 2 else dq_acc
+    _bwd_dkdv_kernel[(triton_cdiv(max_seqlen, bn), nb * HKV)](
+        _desc(q, bm), k, v, _desc(do, bm), lse, delta, dk, dv, dq_arg, cu, scale * _LOG2E, scale, HQ, HKV,
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
+        GROUP=group, CAUSAL=causal, BLOCK_M=bm, BLOCK_N=bn, D=D, PREC=_precision(q), DQ_MODE=mode, num_warps=warps,
+        num_stages=stages)
+    if mode:
+        return (dq_acc * scale).to(q.dtype), dk, dv
+    dq = torch.empty_like(q)
+    bm, bn, warps, stages = _config(DQ_CONFIG, q)
+    _bwd_dq_kernel[(triton_cdiv(max_seqlen, bm), nb * HQ)](
+        q, _desc(k, bn), _desc(v, bn), do, lse, delta, dq, cu, scale * _LOG2E, scale, HQ,
+        q.stride(0), q.stride(1), do.stride(0), do.stride(1), dq.stride(0), dq.stride(1),
+        GROUP=group, CAUSAL=causal, BLOCK_M=bm, BLOCK_N=bn, D=D, PREC=_precision(q), num_warps=warps,
+        num_stages=stages)
+    return dq, dk, dv
 
 
 def triton_cdiv(a: int, b: int) -> int:
