@@ -745,20 +745,22 @@ class _Run:
 
     def _push(self, seq: _Seq, tokens: list[int], logprobs: list[float]) -> None:
         """Append the tokens of one round until the sequence stops; a stopped sequence frees its pages."""
-        for t, lp in zip(tokens, logprobs):
-            seq.tokens.append(t)
-            seq.logprobs.append(lp)
-            if t in self.stops:
-                seq.reason = "stop"
-            elif seq.detector is not None and seq.detector.push(t):
-                seq.reason = "repeat"
-            elif len(seq.tokens) >= seq.budget:
-                seq.reason = "length"
-            if seq.reason is not None:
-                break
-        if seq.reason is not None:
+        keep = min(len(tokens), seq.budget - len(seq.tokens))
+        reason = "length" if keep == seq.budget - len(seq.tokens) else None
+        if self.stops or seq.detector is not None:  # token by token only when something can stop it early
+            for i in range(keep):
+                if tokens[i] in self.stops:
+                    keep, reason = i + 1, "stop"
+                    break
+                if seq.detector is not None and seq.detector.push(tokens[i]):
+                    keep, reason = i + 1, "repeat"
+                    break
+        seq.tokens += tokens[:keep]
+        seq.logprobs += logprobs[:keep]
+        if reason is not None:
+            seq.reason = reason
             self.e.pool.give_back(seq.pages)
-            self.done[seq.index] = Completion(seq.tokens, seq.logprobs, seq.reason)
+            self.done[seq.index] = Completion(seq.tokens, seq.logprobs, reason)
 
 
 def make_rollout_engine(kind: str, model: torch.nn.Module, device: str | torch.device, *, pad_token_id: int = 0,
