@@ -87,6 +87,20 @@ def test_triton_query_and_key_blocks_differ(blocks, monkeypatch):
     run_case([33, 9], 2, 1, 16, False, torch.float32, 1e-5)
 
 
+@pytest.mark.parametrize("mode", [0, 1, pytest.param(2, marks=pytest.mark.gpu)])
+def test_triton_dq_paths(mode, monkeypatch):
+    """dQ from its own kernel (0), or added by the dK/dV kernel as fp32 atomics (1) or bulk reduce-adds (2, CUDA
+    only): each meets the float64 bar with GQA, both masks, ragged ends and one-token sequences."""
+    from k15sys.ops import attention as A
+
+    monkeypatch.setattr(A, "DQ_MODE", {128: mode, 64: mode})
+    run_case([1, 17, 40, 5], 4, 2, 16, True, torch.float32, 1e-5)
+    run_case([33, 1, 9], 4, 1, 16, False, torch.float32, 1e-5)
+    if DEV == "cuda":
+        run_case([1, 300, 1100, 77], 32, 4, 128, True, torch.bfloat16, 1e-6)
+        run_case([513, 64], 8, 8, 64, False, torch.float16, 1e-6)
+
+
 def test_triton_unaligned_inputs():
     """Inputs starting off a 16-byte boundary (tensor descriptors need one) are copied, not refused."""
     T, H, D = 21, 2, 16
