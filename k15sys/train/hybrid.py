@@ -35,10 +35,14 @@ class TrainerOffload:
             per-parameter state tensors on the accelerator move with the model (CPU-resident ones, such as Adam's
             step counters, stay where they are).
         device: the accelerator the trainer runs on; a CPU device makes both calls no-ops (``enabled`` False).
+        release_cache: return the freed device blocks to the driver (``torch.cuda.empty_cache``) after an offload,
+            for a rollout engine in another process; with an engine in this process they stay in torch's cache,
+            where the engine allocates from, and the onload reuses them (no ``cudaMalloc`` per tensor).
     """
 
-    def __init__(self, model: nn.Module, optimizer: Any, device: torch.device) -> None:
+    def __init__(self, model: nn.Module, optimizer: Any, device: torch.device, *, release_cache: bool = True) -> None:
         self.model, self.optimizer, self.device = model, optimizer, torch.device(device)
+        self.release_cache = release_cache
         self.enabled = self.device.type != "cpu"
         self.mirror = HostMirror(self.device)
         self._sharded = False  # the last offload moved FSDP2 shards with module.to
@@ -78,12 +82,28 @@ class TrainerOffload:
         if any(_is_dtensor(t) for t in module):  # FSDP2 shards: module.to, which FSDP2 follows
             self.model.to("cpu")
             self._sharded = True
-            self.mirror.offload(rest)
+            moving = rest
         else:
-            self.mirror.offload(module + rest)
+            moving = module + rest
+        if not self.optimizer.state:  # before the first step: size the buffers for the state to come
+            self.mirror.reserve(tuple((t.dtype, tuple(t.shape)) for t in moving) + self._future_state())
+        self.mirror.offload(moving)
         self.offloaded = True
-        if self.device.type == "cuda":
+        if self.release_cache and self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+    def _future_state(self) -> tuple[tuple[torch.dtype, tuple[int, ...]], ...]:
+        """The device state tensors the optimizer creates at its first step, for the optimizers the trainer builds
+        (:func:`k15sys.train.optim.build_optimizer`): Adam(W)'s two moments (three with amsgrad), SGD's momentum
+        buffer; none known for other optimizers (their state then gets buffers when it appears)."""
+        inner = getattr(self.optimizer, "optimizer", self.optimizer)  # MasterWeights' inner optimizer
+        per_param = 0
+        if isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
+            per_param = 2 + any(g.get("amsgrad") for g in inner.param_groups)
+        elif isinstance(inner, torch.optim.SGD):
+            per_param = int(any(g.get("momentum") for g in inner.param_groups))
+        params = [p for g in inner.param_groups for p in g["params"] if p.device.type == self.device.type]
+        return tuple((p.dtype, tuple(p.shape)) for p in params for _ in range(per_param))
 
     def onload(self) -> None:
         """Everything :meth:`offload` moved back to ``device``."""

@@ -191,7 +191,8 @@ class Trainer:
         masters = cfg.model.master_weights == "fp32"  # fp32 copies stepped for bf16 parameters (k15sys.train.optim)
         self.optimizer: Any = build_optimizer(cfg.rl.optimizer, self.policy, lr=cfg.rl.lr, master_weights=masters)
         # hybrid deployment: the trainer's memory (plain or FSDP2-sharded) goes to the host while the engine generates
-        self.offload = TrainerOffload(self.policy, self.optimizer, self.device)
+        self.offload = TrainerOffload(self.policy, self.optimizer, self.device,
+                                      release_cache=isinstance(self.engine, RemoteEngine))
         sft_cfg = cfg.sft if self.task.has_sft else dataclasses.replace(cfg.sft, steps=0)  # no traces: no warm-up
         self.warmup: WarmUp | None = WarmUp(self.policy, self.task.sft_examples, sft_cfg, seed=cfg.run.seed,
                                             pad_id=tok.pad_token_id, row_tokens=cfg.run.pack_row_tokens,
