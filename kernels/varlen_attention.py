@@ -97,18 +97,16 @@ def _bwd_pre_kernel(O, DO, DELTA, T, HQ, s_ot, s_oh, BLOCK: tl.constexpr, D: tl.
 
 
 @triton.jit
-def _dkdv_block(dk, dv, k, v, q_desc, do_desc, LSE_s, DELTA_s, DQ_s, i, lo, start, kvh, offs_mb, offs_n, offs_d, L, HQ,
-                scale_log2, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, D: tl.constexpr, CAUSAL: tl.constexpr,
-                MASK: tl.constexpr, PREC: tl.constexpr, DQ_MODE: tl.constexpr):
+def _dkdv_block(dk, dv, k, v, q_desc, do_desc, LSE_s, DELTA_s, i, lo, start, kvh, offs_mb, offs_n, L, HQ, scale_log2,
+                GROUP: tl.constexpr, BLOCK_M: tl.constexpr, D: tl.constexpr, CAUSAL: tl.constexpr,
+                MASK: tl.constexpr, PREC: tl.constexpr):
     """Step i of a loop over (query block, query head of the GQA group) pairs from query block ``lo`` on: that
-    block's contribution to dK, dV of a key block (and to dQ, added atomically, unless DQ_MODE is 0). Keys are
-    the tile rows (p^T, dS^T are [keys, queries]). Columns past the sequence end only touch dK/dV rows that are
-    never stored, and their dQ rows get exact zeros (p^T is 0 there)."""
+    block's contribution to dK, dV of a key block. Keys are the tile rows (p^T, dS^T are [keys, queries]).
+    Columns past the sequence end only touch dK/dV rows that are never stored."""
     h = kvh * GROUP + i % GROUP
-    m0 = lo + (i // GROUP) * BLOCK_M
-    offs_m = m0 + offs_mb
-    q = q_desc.load([start + m0, h * D])
-    do = do_desc.load([start + m0, h * D])
+    offs_m = lo + (i // GROUP) * BLOCK_M + offs_mb
+    q = q_desc.load([start + lo + (i // GROUP) * BLOCK_M, h * D])
+    do = do_desc.load([start + lo + (i // GROUP) * BLOCK_M, h * D])
     if MASK:
         mrow = offs_m < L
         lse = tl.load(LSE_s + offs_m * HQ + h, mask=mrow, other=0.0)
@@ -124,28 +122,16 @@ def _dkdv_block(dk, dv, k, v, q_desc, do_desc, LSE_s, DELTA_s, DQ_s, i, lo, star
         pT = tl.where(valid, pT, 0.0)
     dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PREC)
     dpT = tl.dot(v, tl.trans(do), input_precision=PREC)
-    dsT = (pT * (dpT - delta[None, :])).to(q.dtype)
-    dk = tl.dot(dsT, q, dk, input_precision=PREC)
-    if DQ_MODE == 1:  # fp32 atomics into the [T, HQ, D] accumulator
-        dq = tl.dot(tl.trans(dsT), k, input_precision=PREC)
-        ptr = DQ_s + offs_m[:, None] * (HQ * D) + h * D + offs_d[None, :]
-        if MASK:
-            tl.atomic_add(ptr, dq, mask=offs_m[:, None] < L, sem="relaxed")
-        else:
-            tl.atomic_add(ptr, dq, sem="relaxed")
-    elif DQ_MODE == 2:  # one bulk reduce-add of the tile (TMA on Hopper); rows past the end add zeros
-        dq = tl.dot(tl.trans(dsT), k, input_precision=PREC)
-        DQ_s.atomic_add([start + m0, h * D], dq)
+    dsT = pT * (dpT - delta[None, :])
+    dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=PREC)
     return dk, dv
 
 
 @triton.jit
-def _bwd_dkdv_kernel(q_desc, K, V, do_desc, LSE, DELTA, DK, DV, DQ, CU, scale_log2, scale, HQ, HKV,
+def _bwd_dkdv_kernel(q_desc, K, V, do_desc, LSE, DELTA, DK, DV, CU, scale_log2, scale, HQ, HKV,
                      s_kt, s_kh, s_vt, s_vh, s_dkt, s_dkh, s_dvt, s_dvh,
                      GROUP: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     D: tl.constexpr, PREC: tl.constexpr, DQ_MODE: tl.constexpr):
-    """dK, dV of one key block; with DQ_MODE 1 (DQ: fp32 [T, HQ, D] pointer) or 2 (DQ: a descriptor over its
-    [T, HQ * D] view) also the unscaled dQ, accumulated across key blocks; DQ_MODE 0 leaves dQ to its kernel."""
+                     D: tl.constexpr, PREC: tl.constexpr):
     pid_n = tl.program_id(0)  # key blocks near the start have the most query blocks: they go first
     bh = tl.program_id(1)
     b = bh // HKV
@@ -164,10 +150,6 @@ def _bwd_dkdv_kernel(q_desc, K, V, do_desc, LSE, DELTA, DK, DV, DQ, CU, scale_lo
         dv = tl.zeros([BLOCK_N, D], tl.float32)
         LSE_s = LSE + start.to(tl.int64) * HQ
         DELTA_s = DELTA + start.to(tl.int64) * HQ
-        if DQ_MODE == 1:
-            DQ_s = DQ + start.to(tl.int64) * HQ * D
-        else:
-            DQ_s = DQ
         # query blocks [lo, mid) straddle the diagonal; [mid, L_full) need no mask; [L_full, L) is the ragged end.
         # Each range is one flat loop over (query block, query head) pairs: no nested loop around the pipelined one.
         if CAUSAL:
@@ -179,14 +161,14 @@ def _bwd_dkdv_kernel(q_desc, K, V, do_desc, LSE, DELTA, DK, DV, DQ, CU, scale_lo
         L_full = L // BLOCK_M * BLOCK_M
         tail = tl.maximum(mid, L_full)
         for i in range(0, (tl.minimum(mid, L) - lo + BLOCK_M - 1) // BLOCK_M * GROUP):
-            dk, dv = _dkdv_block(dk, dv, k, v, q_desc, do_desc, LSE_s, DELTA_s, DQ_s, i, lo, start, kvh, offs_mb,
-                                 offs_n, offs_d, L, HQ, scale_log2, GROUP, BLOCK_M, D, CAUSAL, True, PREC, DQ_MODE)
+            dk, dv = _dkdv_block(dk, dv, k, v, q_desc, do_desc, LSE_s, DELTA_s, i, lo, start, kvh, offs_mb, offs_n, L,
+                                 HQ, scale_log2, GROUP, BLOCK_M, D, CAUSAL, True, PREC)
         for i in range(0, (L_full - mid) // BLOCK_M * GROUP):
-            dk, dv = _dkdv_block(dk, dv, k, v, q_desc, do_desc, LSE_s, DELTA_s, DQ_s, i, mid, start, kvh, offs_mb,
-                                 offs_n, offs_d, L, HQ, scale_log2, GROUP, BLOCK_M, D, CAUSAL, False, PREC, DQ_MODE)
+            dk, dv = _dkdv_block(dk, dv, k, v, q_desc, do_desc, LSE_s, DELTA_s, i, mid, start, kvh, offs_mb, offs_n, L,
+                                 HQ, scale_log2, GROUP, BLOCK_M, D, CAUSAL, False, PREC)
         for i in range(0, (L - tail + BLOCK_M - 1) // BLOCK_M * GROUP):
-            dk, dv = _dkdv_block(dk, dv, k, v, q_desc, do_desc, LSE_s, DELTA_s, DQ_s, i, tail, start, kvh, offs_mb,
-                                 offs_n, offs_d, L, HQ, scale_log2, GROUP, BLOCK_M, D, CAUSAL, True, PREC, DQ_MODE)
+            dk, dv = _dkdv_block(dk, dv, k, v, q_desc, do_desc, LSE_s, DELTA_s, i, tail, start, kvh, offs_mb, offs_n,
+                                 L, HQ, scale_log2, GROUP, BLOCK_M, D, CAUSAL, True, PREC)
         tl.store(DK + col[:, None] * s_dkt + kvh * s_dkh + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty),
                  mask=offs_n[:, None] < L)
         tl.store(DV + col[:, None] * s_dvt + kvh * s_dvh + offs_d[None, :], dv.to(DV.dtype.element_ty),

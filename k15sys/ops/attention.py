@@ -13,6 +13,8 @@ torch elsewhere.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -71,9 +73,8 @@ FWD_CONFIG: dict[int, tuple[int, int, int, int]] = {128: (128, 128, 8, 3), 64: (
 DKDV_CONFIG: dict[int, tuple[int, int, int, int]] = {128: (64, 128, 8, 3), 64: (64, 128, 8, 2)}
 DQ_CONFIG: dict[int, tuple[int, int, int, int]] = {128: (128, 64, 8, 4), 64: (128, 64, 8, 3)}
 _INTERPRETER_CONFIG = (16, 16, 4, 1)
-# how the backward gets dQ, per head dim: 0 = its own kernel (recomputes QK^T and dP), 1 = fp32 atomic adds from
-# the dK/dV kernel, 2 = the same as one bulk (TMA) reduce-add per tile (CUDA only; the interpreter runs 1)
-DQ_MODE: dict[int, int] = {128: 0, 64: 0}
+# the dQ kernel on a second CUDA stream, concurrent with the dK/dV kernel
+DQ_SIDE_STREAM = True
 
 
 def _precision(q: torch.Tensor) -> str:
@@ -85,11 +86,6 @@ def _config(table: dict[int, tuple[int, int, int, int]], q: torch.Tensor) -> tup
     if q.device.type != "cuda":
         return _INTERPRETER_CONFIG
     return table.get(q.shape[-1], table[64])
-
-
-def _dq_mode(q: torch.Tensor) -> int:
-    mode = DQ_MODE.get(q.shape[-1], DQ_MODE[64])
-    return 1 if mode == 2 and q.device.type != "cuda" else mode
 
 
 def _desc(t: torch.Tensor, rows: int):
@@ -132,8 +128,9 @@ class _VarlenAttention(torch.autograd.Function):
 
 
 def _backward(q, k, v, o, lse, do, cu, max_seqlen: int, causal: bool, scale: float):
-    """dq, dk, dv: delta = rowsum(dO * O) first, then the dK/dV kernel (adding dQ atomically into an fp32
-    buffer when ``DQ_MODE`` says so) and, for mode 0, the dQ kernel."""
+    """dq, dk, dv: delta = rowsum(dO * O) first, then the dK/dV kernel and the dQ kernel. The two read the same
+    inputs and write disjoint outputs; on CUDA the dQ kernel runs on a side stream (``DQ_SIDE_STREAM``) so that
+    its blocks fill the SMs the dK/dV grid leaves idle at its end, and the other way round."""
     from k15sys.kernels.varlen_attention import _bwd_dkdv_kernel, _bwd_dq_kernel, _bwd_pre_kernel
 
     T, HQ, D = q.shape
@@ -142,27 +139,38 @@ def _backward(q, k, v, o, lse, do, cu, max_seqlen: int, causal: bool, scale: flo
     delta = torch.empty(T, HQ, dtype=torch.float32, device=q.device)
     pre = 64 if q.device.type == "cuda" else 16
     _bwd_pre_kernel[(triton_cdiv(T * HQ, pre),)](o, do, delta, T, HQ, o.stride(0), o.stride(1), BLOCK=pre, D=D)
-    dk, dv = torch.empty_like(k), torch.empty_like(v)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     nb = cu.numel() - 1
-    mode = _dq_mode(q)
+    side = DQ_SIDE_STREAM and q.device.type == "cuda"
+    main = torch.cuda.current_stream(q.device) if side else None
+    stream = _side_stream(q.device) if side else None
+    if side:
+        stream.wait_stream(main)  # delta and the inputs are ready; only the main stream writes dk/dv
     bm, bn, warps, stages = _config(DKDV_CONFIG, q)
-    dq_acc = torch.zeros(T, HQ, D, dtype=torch.float32, device=q.device) if mode else None
-    dq_arg = _desc(dq_acc, bm) if mode == 2 else dq_acc
     _bwd_dkdv_kernel[(triton_cdiv(max_seqlen, bn), nb * HKV)](
-        _desc(q, bm), k, v, _desc(do, bm), lse, delta, dk, dv, dq_arg, cu, scale * _LOG2E, scale, HQ, HKV,
+        _desc(q, bm), k, v, _desc(do, bm), lse, delta, dk, dv, cu, scale * _LOG2E, scale, HQ, HKV,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
-        GROUP=group, CAUSAL=causal, BLOCK_M=bm, BLOCK_N=bn, D=D, PREC=_precision(q), DQ_MODE=mode, num_warps=warps,
-        num_stages=stages)
-    if mode:
-        return (dq_acc * scale).to(q.dtype), dk, dv
-    dq = torch.empty_like(q)
-    bm, bn, warps, stages = _config(DQ_CONFIG, q)
-    _bwd_dq_kernel[(triton_cdiv(max_seqlen, bm), nb * HQ)](
-        q, _desc(k, bn), _desc(v, bn), do, lse, delta, dq, cu, scale * _LOG2E, scale, HQ,
-        q.stride(0), q.stride(1), do.stride(0), do.stride(1), dq.stride(0), dq.stride(1),
         GROUP=group, CAUSAL=causal, BLOCK_M=bm, BLOCK_N=bn, D=D, PREC=_precision(q), num_warps=warps,
         num_stages=stages)
+    bm, bn, warps, stages = _config(DQ_CONFIG, q)
+    with torch.cuda.stream(stream) if side else contextlib.nullcontext():
+        _bwd_dq_kernel[(triton_cdiv(max_seqlen, bm), nb * HQ)](
+            q, _desc(k, bn), _desc(v, bn), do, lse, delta, dq, cu, scale * _LOG2E, scale, HQ,
+            q.stride(0), q.stride(1), do.stride(0), do.stride(1), dq.stride(0), dq.stride(1),
+            GROUP=group, CAUSAL=causal, BLOCK_M=bm, BLOCK_N=bn, D=D, PREC=_precision(q), num_warps=warps,
+            num_stages=stages)
+    if side:
+        main.wait_stream(stream)  # every tensor the side stream touched outlives this wait
     return dq, dk, dv
+
+
+_SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    if device not in _SIDE_STREAMS:
+        _SIDE_STREAMS[device] = torch.cuda.Stream(device)
+    return _SIDE_STREAMS[device]
 
 
 def triton_cdiv(a: int, b: int) -> int:
