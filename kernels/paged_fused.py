@@ -77,3 +77,39 @@ def _silu_mul_kernel(GU, OUT, N, s_g, s_o, BLOCK: tl.constexpr):
     gf = g.to(tl.float32)
     s = (gf / (1.0 + tl.exp(-gf))).to(g.dtype).to(tl.float32)
     tl.store(OUT + row * s_o + offs, (s * u).to(OUT.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gate_up_silu_kernel(X, W, B, OUT, M, K, N, s_xm, s_wn, s_om, HAS_BIAS: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``silu(x @ W_gate^T) * (x @ W_up^T)`` for few rows (decode steps), with ``W = [W_gate; W_up]`` (``[2N, K]``,
+    the fused gate/up weight): one pass over the weight, no ``[M, 2N]`` intermediate. Rounding as the GEMM +
+    ``_silu_mul_kernel`` pair: both products rounded to the output dtype, silu rounded before the product."""
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    rmask = rows < M
+    cmask = cols < N
+    x_ptr = X + rows[:, None].to(tl.int64) * s_xm + offs_k[None, :]
+    wg_ptr = W + cols[None, :].to(tl.int64) * s_wn + offs_k[:, None]
+    wu_ptr = wg_ptr + N * s_wn
+    acc_g = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    acc_u = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kmask = (k0 + offs_k) < K
+        x = tl.load(x_ptr + k0, mask=rmask[:, None] & kmask[None, :], other=0.0)
+        wg = tl.load(wg_ptr + k0, mask=kmask[:, None] & cmask[None, :], other=0.0)
+        wu = tl.load(wu_ptr + k0, mask=kmask[:, None] & cmask[None, :], other=0.0)
+        acc_g = tl.dot(x, wg, acc_g)
+        acc_u = tl.dot(x, wu, acc_u)
+    if HAS_BIAS:
+        acc_g += tl.load(B + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+        acc_u += tl.load(B + N + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    dt = OUT.dtype.element_ty
+    g = acc_g.to(dt).to(tl.float32)
+    u = acc_u.to(dt).to(tl.float32)
+    s = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)
+    tl.store(OUT + rows[:, None].to(tl.int64) * s_om + cols[None, :], (s * u).to(dt),
+             mask=rmask[:, None] & cmask[None, :])

@@ -7,7 +7,8 @@ that a CUDA graph would have to capture. Temperature 0 rows take the plain argma
 ``torch.argmax``) and report the untempered log-prob.
 
 ``_sample_partial_kernel``: program ``(row, chunk)`` streams one slice of the vocabulary once, keeping a
-running max / sum of ``exp`` (the log-sum-exp) and the best score with its index. ``_sample_final_kernel``:
+running max / sum of ``exp2`` (the log-sum-exp, in base 2) and the best score with its index; base-2 units
+throughout, so each vocabulary entry costs one ``exp2`` and two ``log2`` (hardware approximations on CUDA). ``_sample_final_kernel``:
 one program per row merges the chunks, reads the chosen token's logit, and writes the token and its
 log-prob ``z_tok / T - logsumexp(z / T)``; with ``ADVANCE`` it also feeds the token to the next decode step
 (``TOKENS[row]``, ``POS[row] += 1``) and files it in column ``POS - START`` of the round's output buffers
@@ -39,50 +40,60 @@ def _row_key(seed, pos):
 
 
 @triton.jit
-def _gumbel(idx, key):
+def _log2(x, FAST: tl.constexpr):
+    if FAST:  # the hardware approximation (relative error < 2^-22); tl.log2 is a polynomial of ~12 FMAs
+        return tl.inline_asm_elementwise("lg2.approx.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True,
+                                         pack=1)
+    else:
+        return tl.log2(x)
+
+
+@triton.jit
+def _gumbel2(idx, key, FAST: tl.constexpr):
+    """Gumbel noise in base-2 units, up to a constant: ``-log2(-log2 u)`` = (g - log(log 2)) / log 2 for
+    g ~ Gumbel(0, 1) -- the argmax of z * log2(e) / T plus it is the Gumbel-max draw (two log2s)."""
     h = _fmix32((idx.to(tl.uint32) * 0x85EBCA77) ^ key)
     h = _fmix32(h + key)
     u = ((h >> 8).to(tl.float32) + 0.5) * 5.9604644775390625e-08  # (k + 1/2) / 2^24: never 0 or 1
-    return -tl.log(-tl.log(u))
+    return -_log2(-_log2(u, FAST), FAST)
 
 
 @triton.jit
 def _sample_partial_kernel(LOGITS, TEMP, SEEDS, POS, PART_F, PART_I, V, s_l,
-                           CHUNKS: tl.constexpr, BLOCK: tl.constexpr):
+                           CHUNKS: tl.constexpr, BLOCK: tl.constexpr, FAST: tl.constexpr):
     row = tl.program_id(0)
     chunk = tl.program_id(1)
     t = tl.load(TEMP + row)
     greedy = t == 0.0
-    t = tl.where(greedy, 1.0, t)
-    noise = tl.where(greedy, 0.0, 1.0)
+    scale = 1.4426950408889634 / tl.where(greedy, 1.0, t)  # logits to base-2 units: z * log2(e) / T
     key = _row_key(tl.load(SEEDS + row), tl.load(POS + row))
     per = tl.cdiv(tl.cdiv(V, CHUNKS), BLOCK) * BLOCK
     lo = chunk * per
     hi = tl.minimum(V, lo + per)
     offs = tl.arange(0, BLOCK)
     base = LOGITS + row.to(tl.int64) * s_l
-    m = tl.full([BLOCK], float("-inf"), tl.float32)
-    s = tl.zeros([BLOCK], tl.float32)
+    m = tl.full([], float("-inf"), tl.float32)
+    s = tl.zeros([], tl.float32)
     best = tl.full([BLOCK], float("-inf"), tl.float32)
     best_i = tl.zeros([BLOCK], tl.int32)
-    for v0 in range(lo, hi, BLOCK):  # element-wise running state; reduced once at the end
+    for v0 in range(lo, hi, BLOCK):  # running log-sum-exp per block; best score per lane, reduced at the end
         idx = v0 + offs
         valid = idx < hi
-        z = tl.load(base + idx, mask=valid, other=float("-inf")).to(tl.float32) / t
-        m_new = tl.maximum(m, z)
-        s = s * tl.exp(tl.where(m_new == float("-inf"), 0.0, m - m_new)) + tl.where(valid, tl.exp(z - m_new), 0.0)
+        raw = tl.load(base + idx, mask=valid, other=float("-inf")).to(tl.float32)
+        z = raw * scale
+        m_new = tl.maximum(m, tl.max(z, 0))
+        s = s * tl.exp2(m - m_new) + tl.sum(tl.exp2(z - m_new), 0)
         m = m_new
-        score = tl.where(valid, z + noise * _gumbel(idx, key), float("-inf"))
+        # greedy rows rank the raw logits: scaling could merge two logits one ulp apart
+        score = tl.where(valid, tl.where(greedy, raw, z + _gumbel2(idx, key, FAST)), float("-inf"))
         better = score > best  # strict: the earliest index keeps a tie, as torch.argmax
         best_i = tl.where(better, idx, best_i)
         best = tl.where(better, score, best)
-    mm = tl.max(m, 0)
-    ss = tl.sum(s * tl.exp(tl.where(m == float("-inf"), float("-inf"), m - mm)), 0)
     top = tl.max(best, 0)
     top_i = tl.min(tl.where(best == top, best_i, V), 0)
     out = (row * CHUNKS + chunk) * 3
-    tl.store(PART_F + out, mm)
-    tl.store(PART_F + out + 1, ss)
+    tl.store(PART_F + out, m)
+    tl.store(PART_F + out + 1, s)
     tl.store(PART_F + out + 2, top)
     tl.store(PART_I + row * CHUNKS + chunk, top_i)
 
@@ -98,12 +109,13 @@ def _sample_final_kernel(LOGITS, TEMP, PART_F, PART_I, TOK, LP, s_l,
     s = tl.load(pf + 1)
     best = tl.load(pf + 2)
     mm = tl.max(m, 0)
-    lse = mm + tl.log(tl.sum(s * tl.exp(tl.where(m == float("-inf"), float("-inf"), m - mm)), 0))
+    lse2 = mm + tl.log2(tl.sum(s * tl.exp2(tl.where(m == float("-inf"), float("-inf"), m - mm)), 0))
     top = tl.max(best, 0)
     tok = tl.min(tl.where(best == top, tl.load(PART_I + row * CHUNKS + c), 2147483647), 0)  # earliest chunk wins
     t = tl.load(TEMP + row)
     t = tl.where(t == 0.0, 1.0, t)
-    lp = tl.load(LOGITS + row.to(tl.int64) * s_l + tok).to(tl.float32) / t - lse
+    z_tok = tl.load(LOGITS + row.to(tl.int64) * s_l + tok).to(tl.float32) / t
+    lp = z_tok - lse2 * 0.6931471805599453
     tl.store(TOK + row, tok.to(TOK.dtype.element_ty))
     tl.store(LP + row, lp)
     if ADVANCE:

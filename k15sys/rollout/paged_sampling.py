@@ -101,7 +101,8 @@ def sample_tokens(
     part_i = torch.empty(n, chunks, dtype=torch.int32, device=logits.device)
     block = 2048 if logits.device.type == "cuda" else 64
     _sample_partial_kernel[(n, chunks)](logits, temperature, seeds, pos, part_f, part_i, vocab, logits.stride(0),
-                                        CHUNKS=chunks, BLOCK=block, num_warps=8 if block >= 2048 else 4)
+                                        CHUNKS=chunks, BLOCK=block, FAST=logits.device.type == "cuda",
+                                        num_warps=8 if block >= 2048 else 4)
     tok = torch.empty(n, dtype=torch.long, device=logits.device)
     lp = torch.empty(n, dtype=torch.float32, device=logits.device)
     if advance is None:
