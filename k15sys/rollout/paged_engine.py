@@ -422,6 +422,7 @@ class PagedEngine:
                     self._mirror.onload()
                 if self.fused_kernels and not self.decoder.fused:  # new storage: fuse it again
                     self.decoder.fuse_projections()
+                self._allocate()
             self._asleep = False
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
