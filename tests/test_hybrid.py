@@ -137,6 +137,7 @@ def test_paged_engine_sleep_levels_on_cpu(level):
     if level == 2:
         assert all(p.numel() == 0 for p in eng.model.parameters())
     eng.wake()
+    assert eng._kv is None  # the KV cache comes with the next generate call
     if level == 2:
         with pytest.raises(RuntimeError, match="discarded"):
             eng.generate(PROMPTS, SamplingParams(4))

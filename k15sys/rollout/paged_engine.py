@@ -409,9 +409,11 @@ class PagedEngine:
             self._asleep = True
 
     def wake(self) -> None:
-        """Take the memory back after :meth:`sleep`: the weights (from host memory, or uninitialised after level
-        2), their fused q/k/v and gate/up tensors and the KV cache. CUDA graphs are captured again lazily, per
-        batch-size bucket, on the first decode step that needs one."""
+        """Take the weights back after :meth:`sleep` (from host memory, or uninitialised after level 2) with their
+        fused q/k/v and gate/up tensors. The KV cache (same size as before) is allocated by the next
+        :meth:`generate`, so that a colocated trainer can push its weights and leave the device before the cache
+        takes its share; CUDA graphs are captured again lazily, per batch-size bucket, on the first decode step
+        that needs one."""
         with self._lock:
             if self._asleep:
                 if self._discarded:
@@ -422,7 +424,6 @@ class PagedEngine:
                     self._mirror.onload()
                 if self.fused_kernels and not self.decoder.fused:  # new storage: fuse it again
                     self.decoder.fuse_projections()
-                self._allocate()
             self._asleep = False
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
@@ -466,6 +467,8 @@ class PagedEngine:
         with self._lock:
             if self._asleep:
                 raise RuntimeError("generate: the engine is asleep; call wake() first")
+            if self._kv is None:  # the first call after wake(): the KV cache is allocated now
+                self._allocate()
             return _Run(self, [[int(t) for t in p] for p in prompts], params).run()
 
     # ------------------------------------------------------------------ device steps
