@@ -139,6 +139,8 @@ def run_k15(model_dir: Path, data: Path, work: Path, *, prompts: int, group: int
                              (tr.engine, "sleep", "rollout"), (tr.engine, "wake", "sync")):
         if hasattr(obj, name):
             setattr(obj, name, timers.wrap(getattr(obj, name), f"moves_in_{phase}"))
+    for obj, name in ((tr.scheduler, "run_iteration"), (tr, "train_on")):  # progress lines for a run cut short
+        setattr(obj, name, _announced(getattr(obj, name), f"[k15sys L={max_new}] {name}"))
     tr.sync_weights()  # the engine starts with the policy's weights
     try:
         for _ in range(iterations):
@@ -166,6 +168,16 @@ def run_k15(model_dir: Path, data: Path, work: Path, *, prompts: int, group: int
         tr.close()
         del tr
         _free_gpu()
+
+
+def _announced(fn: Callable, what: str) -> Callable:
+    """``fn``, printing its duration to stderr when it returns."""
+    def announced(*args: Any, **kwargs: Any) -> Any:
+        t0 = time.perf_counter()
+        out = fn(*args, **kwargs)
+        print(f"  {what}: {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+        return out
+    return announced
 
 
 def _free_gpu() -> None:
