@@ -47,6 +47,7 @@ from k15sys.weights.pinned import HostMirror
 
 SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "llama")
 _BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
+_FUSED_MLP_ROWS = 0  # decode steps of at most this many rows run gate/up + silu as one Triton kernel (0: never)
 
 
 class _Decoder:
@@ -124,7 +125,12 @@ class _Decoder:
                        _fuse([layer.mlp.gate_proj, layer.mlp.up_proj])) for layer in self.base.layers]
 
     def _forward_fused(self, ids, pos, rope, kv, slots, attend) -> torch.Tensor:
-        from k15sys.kernels.paged_fused import _add_rmsnorm_kernel, _rope_store_kernel, _silu_mul_kernel
+        from k15sys.kernels.paged_fused import (
+            _add_rmsnorm_kernel,
+            _gate_up_silu_kernel,
+            _rope_store_kernel,
+            _silu_mul_kernel,
+        )
 
         T = ids.shape[0]
         x = self.base.embed_tokens(ids)
@@ -157,10 +163,18 @@ class _Decoder:
                                          HALF=self.head_dim // 2, HALF_PAD=half_pad, num_warps=4)
             delta = a.o_proj(attend(q, k, v, i).reshape(T, -1))
             norm(delta, layer.post_attention_layernorm)
-            gu = torch.nn.functional.linear(h, w_gu, b_gu)
-            act = gu.new_empty(T, inter)
-            _silu_mul_kernel[(T, triton_cdiv(inter, 1024))](gu, act, inter, gu.stride(0), act.stride(0), BLOCK=1024,
-                                                            num_warps=4)
+            if T <= _FUSED_MLP_ROWS:  # one kernel: the gate/up product and silu * up, no [T, 2 * inter] buffer
+                act = h.new_empty(T, inter)
+                bm = max(16, 1 << (T - 1).bit_length())
+                _gate_up_silu_kernel[(triton_cdiv(inter, 64), triton_cdiv(T, bm))](
+                    h, w_gu, w_gu if b_gu is None else b_gu, act, T, h.shape[1], inter, h.stride(0), w_gu.stride(0),
+                    act.stride(0), HAS_BIAS=b_gu is not None, BLOCK_M=bm, BLOCK_N=64, BLOCK_K=128, num_warps=4,
+                    num_stages=4)
+            else:
+                gu = torch.nn.functional.linear(h, w_gu, b_gu)
+                act = gu.new_empty(T, inter)
+                _silu_mul_kernel[(T, triton_cdiv(inter, 1024))](gu, act, inter, gu.stride(0), act.stride(0),
+                                                                BLOCK=1024, num_warps=4)
             delta = layer.mlp.down_proj(act)
         norm(delta, self.base.norm)
         return h
