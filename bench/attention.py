@@ -1,10 +1,12 @@
 """Causal varlen attention: k15sys Triton kernel vs torch SDPA (FlashAttention-2 backend, cuDNN backend).
 
-Shapes (issue 4): causal, bf16, D=128, 16 heads, S in {8192 x 8, 32768 x 2, 131072 x 1}; TFLOP/s counted as
+Shapes (issue 4): causal, bf16, D=128, 16 heads, S in {8192 x 8, 32768 x 2, 131072 x 1}, and GQA 32 query / 8 kv
+heads at 32768 x 1 (the peers get k/v expanded to 32 heads); TFLOP/s counted as
 4*S^2*H*D/2 per sequence for the forward and 3.5x that for forward+backward. Plus a packed long-tail batch
 (64k tokens, lognormal lengths between 500 and 32k) against running SDPA once per sequence, and issue 21's
 packed mix (131,072 tokens: 1 x 65,536, 4 x 8,192, 14 of 1-4k) fwd+bwd, k15 in one varlen call against
-cuDNN and FlashAttention-2 (SDPA backends) once per sequence. All in one run
+cuDNN and FlashAttention-2 (SDPA backends) once per sequence, plus its longest sequence alone (each side), which
+bounds what scheduling the short sequences better could still gain. All in one run
 on the same inputs. ``--quick`` runs tiny CPU shapes (torch backend vs SDPA math) to exercise the script.
 """
 from __future__ import annotations
@@ -58,13 +60,17 @@ def ours_fn(q, k, v, cu, maxlen, grad, backend):
     return run
 
 
-def uniform_case(B, S, H, D, dev, dtype, peers, backend, reps):
+def uniform_case(B, S, H, D, dev, dtype, peers, backend, reps, HKV=None):
+    """B sequences of S tokens; with ``HKV`` < H (GQA) the peers get k/v expanded to H heads (their GQA input)."""
+    HKV = HKV or H
     g = torch.Generator(device="cpu").manual_seed(S)
-    q4, k4, v4 = (torch.randn(B, H, S, D, generator=g).to(dev, dtype) for _ in range(3))
-    packed = [x.transpose(1, 2).reshape(B * S, H, D).contiguous() for x in (q4, k4, v4)]
+    q4 = torch.randn(B, H, S, D, generator=g).to(dev, dtype)
+    k4, v4 = (torch.randn(B, HKV, S, D, generator=g).to(dev, dtype).repeat_interleave(H // HKV, 1) for _ in range(2))
+    packed = [x.transpose(1, 2).reshape(B * S, x.shape[1], D).contiguous() for x in (q4, k4[:, ::H // HKV],
+                                                                                     v4[:, ::H // HKV])]
     cu = torch.arange(0, (B + 1) * S, S, dtype=torch.int32, device=dev)
     flops_f = B * 4 * S * S * H * D / 2
-    row = {"B": B, "S": S}
+    row = {"B": B, "S": S, "heads": H, "kv_heads": HKV}
     for grad in (False, True):
         tag = "fwd_bwd" if grad else "fwd"
         flops = flops_f * (3.5 if grad else 1.0)
@@ -155,6 +161,21 @@ def mix_case(lens, H, D, dev, dtype, backend, reps, peers):
             row[f"speedup_vs_{p}_per_sequence"] = row[f"{p}_per_sequence_fwd_bwd_ms"] / row["k15_fwd_bwd_ms"]
         except RuntimeError as e:
             row[f"{p}_per_sequence_error"] = str(e)[:200]
+    # the longest sequence alone (k15, and each peer): how much of the batch's time it is, i.e. what a better
+    # schedule of the short sequences around it could still save
+    L0 = max(lens)
+    a = lens.index(L0)
+    b0 = int(cu[a])
+    one = [x[b0:b0 + L0].detach().requires_grad_() for x in (q, k, v)]
+    cu1 = torch.tensor([0, L0], dtype=torch.int32, device=dev)
+    row["longest_share_of_flops"] = 4 * L0 * L0 * H * D / 2 * 3.5 / flops
+    row["k15_longest_alone_fwd_bwd_ms"] = bench(ours_fn(*one, cu1, L0, True, backend), reps)
+    for p in peers:
+        try:
+            row[f"{p}_longest_alone_fwd_bwd_ms"] = bench(sdpa_fn(*(x.transpose(0, 1)[None] for x in one), p, True),
+                                                         reps)
+        except RuntimeError as e:
+            row[f"{p}_longest_alone_error"] = str(e)[:200]
     return row
 
 
@@ -191,7 +212,7 @@ def summary(result: dict) -> list[str]:
     lines = [f"attention on {result['device']}: causal varlen, k15 times; speed-up = peer time / k15 time"]
     for r in result["cases"]:
         peers = ", ".join(f"{k[len('speedup_vs_'):]} {v:.2f}x" for k, v in r.items() if k.startswith("speedup_vs_"))
-        lines.append(f"  B={r['B']} S={r['S']}: fwd {r['k15_fwd_ms']:.2f} ms, fwd+bwd {r['k15_fwd_bwd_ms']:.2f} ms; "
+        lines.append(f"  B={r['B']} S={r['S']} heads {r['heads']}/{r['kv_heads']}: fwd {r['k15_fwd_ms']:.2f} ms, fwd+bwd {r['k15_fwd_bwd_ms']:.2f} ms; "
                      f"speed-up {peers}")
     pk = result["packed_long_tail"]
     lines.append(f"  packed long tail ({pk['sequences']} sequences, {pk['tokens']} tokens): {pk['speedup']:.2f}x "
@@ -199,7 +220,8 @@ def summary(result: dict) -> list[str]:
     mx = result["packed_mix"]
     peers = ", ".join(f"{k[len('speedup_vs_'):]} {v:.2f}x" for k, v in mx.items() if k.startswith("speedup_vs_"))
     lines.append(f"  packed mix ({mx['sequences']} sequences, {mx['tokens']} tokens) fwd+bwd: k15 "
-                 f"{mx['k15_fwd_bwd_ms']:.1f} ms in one call; speed-up {peers}")
+                 f"{mx['k15_fwd_bwd_ms']:.1f} ms in one call; speed-up {peers}; its longest sequence alone "
+                 f"({mx['longest_share_of_flops']:.0%} of the FLOPs): k15 {mx['k15_longest_alone_fwd_bwd_ms']:.1f} ms")
     return lines
 
 
@@ -210,20 +232,20 @@ def main() -> None:
     benchlib.require_gpus(args, "attention")
     if args.quick:
         dev, dtype, backend, peers, reps = "cpu", torch.float32, "torch", ["math"], 2
-        cases = [(2, 256, 4, 64)]
+        cases = [(2, 256, 4, 64), (1, 128, 4, 64, 2)]
         packed = (4096, 4, 64, 100, 1024)
         mix = (mix_lengths(1024, 128, 4, 14, 16, 64, 2048), 4, 64)
         name = "cpu"
     else:
         dev, dtype, backend, peers, reps = "cuda", torch.bfloat16, "triton", ["flash", "cudnn"], 5
-        cases = [(8, 8192, 16, 128), (2, 32768, 16, 128), (1, 131072, 16, 128)]
+        cases = [(8, 8192, 16, 128), (2, 32768, 16, 128), (1, 131072, 16, 128), (1, 32768, 32, 128, 8)]
         packed = (65536, 16, 128, 500, 32768)
         mix = (mix_lengths(65536, 8192, 4, 14, 1024, 4096, 131072), 16, 128)
         name = torch.cuda.get_device_name().replace(" ", "_")
     tuned = sweep(dev, dtype) if args.sweep and dev == "cuda" else None
     rows = []
-    for B, S, H, D in cases:
-        rows.append(uniform_case(B, S, H, D, dev, dtype, peers, backend, reps))
+    for B, S, H, D, *hkv in cases:
+        rows.append(uniform_case(B, S, H, D, dev, dtype, peers, backend, reps, *hkv))
         print(json.dumps(rows[-1]), flush=True)
     result = {"bench": "attention", "device": name, "torch": torch.__version__, "sweep": tuned, "cases": rows,
               "packed_long_tail": packed_case(*packed[:3], dev, dtype, backend, reps, *packed[3:]),
