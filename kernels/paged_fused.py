@@ -113,3 +113,29 @@ def _gate_up_silu_kernel(X, W, B, OUT, M, K, N, s_xm, s_wn, s_om, HAS_BIAS: tl.c
     s = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)
     tl.store(OUT + rows[:, None].to(tl.int64) * s_om + cols[None, :], (s * u).to(dt),
              mask=rmask[:, None] & cmask[None, :])
+
+
+@triton.jit
+def _skinny_linear_kernel(X, W, B, OUT, M, K, N, s_xm, s_wn, s_om, HAS_BIAS: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``x @ W^T (+ b)`` for few rows (decode steps): narrow column blocks, so that a small weight (the o / q/k/v
+    projections) still spreads over every SM; rounded once to the output dtype, as a GEMM."""
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    rmask = rows < M
+    cmask = cols < N
+    x_ptr = X + rows[:, None].to(tl.int64) * s_xm + offs_k[None, :]
+    w_ptr = W + cols[None, :].to(tl.int64) * s_wn + offs_k[:, None]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kmask = (k0 + offs_k) < K
+        x = tl.load(x_ptr + k0, mask=rmask[:, None] & kmask[None, :], other=0.0)
+        w = tl.load(w_ptr + k0, mask=kmask[:, None] & cmask[None, :], other=0.0)
+        acc = tl.dot(x, w, acc)
+    if HAS_BIAS:
+        acc += tl.load(B + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    tl.store(OUT + rows[:, None].to(tl.int64) * s_om + cols[None, :], acc.to(OUT.dtype.element_ty),
+             mask=rmask[:, None] & cmask[None, :])

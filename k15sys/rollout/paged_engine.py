@@ -47,7 +47,7 @@ from k15sys.weights.pinned import HostMirror
 
 SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "llama")
 _BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
-_FUSED_MLP_ROWS = 0  # decode steps of at most this many rows run gate/up + silu as one Triton kernel (0: never)
+_TRITON_GEMM_ROWS = 0  # steps of at most this many rows run their GEMMs as Triton kernels (0: never; cuBLAS)
 
 
 class _Decoder:
@@ -130,6 +130,7 @@ class _Decoder:
             _gate_up_silu_kernel,
             _rope_store_kernel,
             _silu_mul_kernel,
+            _skinny_linear_kernel,
         )
 
         T = ids.shape[0]
@@ -139,6 +140,17 @@ class _Decoder:
         hq_pad = 1 << (max(self.num_heads, self.num_kv_heads) - 1).bit_length()
         half_pad = 1 << (self.head_dim // 2 - 1).bit_length()
         cos, sin = rope
+        skinny = T <= _TRITON_GEMM_ROWS  # few rows: weight-streaming Triton GEMMs (gate/up fused with silu)
+        bm = max(16, 1 << (T - 1).bit_length())
+
+        def linear(a: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+            if not skinny:
+                return torch.nn.functional.linear(a, w, b)
+            out = a.new_empty(T, w.shape[0])
+            _skinny_linear_kernel[(triton_cdiv(w.shape[0], 32), triton_cdiv(T, bm))](
+                a, w, w if b is None else b, out, T, a.shape[1], w.shape[0], a.stride(0), w.stride(0), out.stride(0),
+                HAS_BIAS=b is not None, BLOCK_M=bm, BLOCK_N=32, BLOCK_K=128, num_warps=4, num_stages=4)
+            return out
 
         def norm(delta: torch.Tensor | None, module: torch.nn.Module) -> None:
             eps = float(getattr(module, "variance_epsilon", getattr(module, "eps", 1e-6)))
@@ -152,7 +164,7 @@ class _Decoder:
             norm(delta, layer.input_layernorm)
             (w_qkv, b_qkv, sizes), (w_gu, b_gu, (inter, _)) = self.fused[i]
             q, k, v = (t.unflatten(-1, (-1, self.head_dim))
-                       for t in torch.nn.functional.linear(h, w_qkv, b_qkv).split(sizes, dim=-1))
+                       for t in linear(h, w_qkv, b_qkv).split(sizes, dim=-1))
             if hasattr(a, "q_norm"):
                 q, k = a.q_norm(q), a.k_norm(k)
             if slots is not None:
@@ -161,11 +173,10 @@ class _Decoder:
                                          k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos.stride(0),
                                          kc.stride(0), kc.stride(1), self.num_heads, self.num_kv_heads, H_PAD=hq_pad,
                                          HALF=self.head_dim // 2, HALF_PAD=half_pad, num_warps=4)
-            delta = a.o_proj(attend(q, k, v, i).reshape(T, -1))
+            delta = linear(attend(q, k, v, i).reshape(T, -1), a.o_proj.weight, a.o_proj.bias)
             norm(delta, layer.post_attention_layernorm)
-            if T <= _FUSED_MLP_ROWS:  # one kernel: the gate/up product and silu * up, no [T, 2 * inter] buffer
+            if skinny:  # one kernel: the gate/up product and silu * up, no [T, 2 * inter] buffer
                 act = h.new_empty(T, inter)
-                bm = max(16, 1 << (T - 1).bit_length())
                 _gate_up_silu_kernel[(triton_cdiv(inter, 64), triton_cdiv(T, bm))](
                     h, w_gu, w_gu if b_gu is None else b_gu, act, T, h.shape[1], inter, h.stride(0), w_gu.stride(0),
                     act.stride(0), HAS_BIAS=b_gu is not None, BLOCK_M=bm, BLOCK_N=64, BLOCK_K=128, num_warps=4,
@@ -175,7 +186,7 @@ class _Decoder:
                 act = gu.new_empty(T, inter)
                 _silu_mul_kernel[(T, triton_cdiv(inter, 1024))](gu, act, inter, gu.stride(0), act.stride(0),
                                                                 BLOCK=1024, num_warps=4)
-            delta = layer.mlp.down_proj(act)
+            delta = linear(act, layer.mlp.down_proj.weight, layer.mlp.down_proj.bias)
         norm(delta, self.base.norm)
         return h
 
