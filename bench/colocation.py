@@ -119,12 +119,13 @@ def trainer_case(lm: torch.nn.Module, device: torch.device, *, masters: bool, re
         times["onload"].append(timed(new.onload))
     module, rest = new.tensors()  # the previous path replaced the state tensors in the optimizer's dicts
     exact = all(torch.equal(a, b) for a, b in zip(module + rest, want))
-    out = {k: statistics.median(v) for k, v in times.items()}
+    out = {k: statistics.median(v) if v else None for k, v in times.items()}
     out.update({
         "bytes_moved_each_way": nbytes, "first_offload_with_locking_s": first_offload,
         "host_bytes_locked": new.mirror.host_bytes, "host_buffer_allocations": new.mirror.allocations,
         "bit_identical": exact,
-        "round_trip_speedup": (out["previous_offload"] + out["previous_onload"]) / (out["offload"] + out["onload"]),
+        "round_trip_speedup": None if not previous_reps else
+        (out["previous_offload"] + out["previous_onload"]) / (out["offload"] + out["onload"]),
         "new_gb_per_s_each_way": nbytes / 1e9 / max(out["offload"], out["onload"]),
     })
     del new, old, opt, module, rest, want
@@ -210,9 +211,11 @@ def main() -> None:
         lines = [f"colocation moves on {result['device']} ({result['model']}), medians of {args.reps}"]
         for name in ("trainer_bf16_adamw", "trainer_fp32_master_weights"):
             r = result[name]
-            lines.append(f"  {name}: {r['bytes_moved_each_way'] / 2**30:.2f} GiB each way; previous "
-                         f"{r['previous_offload']:.3f} + {r['previous_onload']:.3f} s, now {r['offload']:.3f} + "
-                         f"{r['onload']:.3f} s ({r['round_trip_speedup']:.1f}x); first offload with locking "
+            before = (f"previous {r['previous_offload']:.3f} + {r['previous_onload']:.3f} s, " if r["round_trip_speedup"]
+                      else "")
+            ratio = f" ({r['round_trip_speedup']:.1f}x)" if r["round_trip_speedup"] else ""
+            lines.append(f"  {name}: {r['bytes_moved_each_way'] / 2**30:.2f} GiB each way; {before}now "
+                         f"{r['offload']:.3f} + {r['onload']:.3f} s{ratio}; first offload with locking "
                          f"{r['first_offload_with_locking_s']:.2f} s; exact: {r['bit_identical']}")
         e = result["engine"]
         lines.append(f"  engine: previous sleep+wake {e['previous_sleep'] + e['previous_wake']:.3f} s; level 1 "
