@@ -81,7 +81,7 @@ def _silu_mul_kernel(GU, OUT, N, s_g, s_o, BLOCK: tl.constexpr):
 
 @triton.jit
 def _gate_up_silu_kernel(X, W, B, OUT, M, K, N, s_xm, s_wn, s_om, HAS_BIAS: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr):
     """``silu(x @ W_gate^T) * (x @ W_up^T)`` for few rows (decode steps), with ``W = [W_gate; W_up]`` (``[2N, K]``,
     the fused gate/up weight): one pass over the weight, no ``[M, 2N]`` intermediate. Rounding as the GEMM +
     ``_silu_mul_kernel`` pair: both products rounded to the output dtype, silu rounded before the product."""
@@ -102,8 +102,12 @@ def _gate_up_silu_kernel(X, W, B, OUT, M, K, N, s_xm, s_wn, s_om, HAS_BIAS: tl.c
         x = tl.load(x_ptr + k0, mask=rmask[:, None] & kmask[None, :], other=0.0)
         wg = tl.load(wg_ptr + k0, mask=kmask[:, None] & cmask[None, :], other=0.0)
         wu = tl.load(wu_ptr + k0, mask=kmask[:, None] & cmask[None, :], other=0.0)
-        acc_g = tl.dot(x, wg, acc_g)
-        acc_u = tl.dot(x, wu, acc_u)
+        if IEEE:  # fp32 weights: exact products (the default would round them to tf32)
+            acc_g = tl.dot(x, wg, acc_g, input_precision="ieee")
+            acc_u = tl.dot(x, wu, acc_u, input_precision="ieee")
+        else:
+            acc_g = tl.dot(x, wg, acc_g)
+            acc_u = tl.dot(x, wu, acc_u)
     if HAS_BIAS:
         acc_g += tl.load(B + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
         acc_u += tl.load(B + N + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
@@ -117,7 +121,7 @@ def _gate_up_silu_kernel(X, W, B, OUT, M, K, N, s_xm, s_wn, s_om, HAS_BIAS: tl.c
 
 @triton.jit
 def _skinny_linear_kernel(X, W, B, OUT, M, K, N, s_xm, s_wn, s_om, HAS_BIAS: tl.constexpr,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr):
     """``x @ W^T (+ b)`` for few rows (decode steps): narrow column blocks, so that a small weight (the o / q/k/v
     projections) still spreads over every SM; rounded once to the output dtype, as a GEMM."""
     pid_n = tl.program_id(0)
@@ -134,7 +138,10 @@ def _skinny_linear_kernel(X, W, B, OUT, M, K, N, s_xm, s_wn, s_om, HAS_BIAS: tl.
         kmask = (k0 + offs_k) < K
         x = tl.load(x_ptr + k0, mask=rmask[:, None] & kmask[None, :], other=0.0)
         w = tl.load(w_ptr + k0, mask=kmask[:, None] & cmask[None, :], other=0.0)
-        acc = tl.dot(x, w, acc)
+        if IEEE:
+            acc = tl.dot(x, w, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(x, w, acc)
     if HAS_BIAS:
         acc += tl.load(B + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
     tl.store(OUT + rows[:, None].to(tl.int64) * s_om + cols[None, :], acc.to(OUT.dtype.element_ty),

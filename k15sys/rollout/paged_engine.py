@@ -141,6 +141,7 @@ class _Decoder:
         half_pad = 1 << (self.head_dim // 2 - 1).bit_length()
         cos, sin = rope
         skinny = T <= _TRITON_GEMM_ROWS  # few rows: weight-streaming Triton GEMMs (gate/up fused with silu)
+        ieee = x.dtype == torch.float32
         bm = max(16, 1 << (T - 1).bit_length())
 
         def linear(a: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
@@ -149,7 +150,7 @@ class _Decoder:
             out = a.new_empty(T, w.shape[0])
             _skinny_linear_kernel[(triton_cdiv(w.shape[0], 32), triton_cdiv(T, bm))](
                 a, w, w if b is None else b, out, T, a.shape[1], w.shape[0], a.stride(0), w.stride(0), out.stride(0),
-                HAS_BIAS=b is not None, BLOCK_M=bm, BLOCK_N=32, BLOCK_K=128, num_warps=4, num_stages=4)
+                HAS_BIAS=b is not None, BLOCK_M=bm, BLOCK_N=32, BLOCK_K=128, IEEE=ieee, num_warps=4, num_stages=4)
             return out
 
         def norm(delta: torch.Tensor | None, module: torch.nn.Module) -> None:
@@ -179,8 +180,8 @@ class _Decoder:
                 act = h.new_empty(T, inter)
                 _gate_up_silu_kernel[(triton_cdiv(inter, 64), triton_cdiv(T, bm))](
                     h, w_gu, w_gu if b_gu is None else b_gu, act, T, h.shape[1], inter, h.stride(0), w_gu.stride(0),
-                    act.stride(0), HAS_BIAS=b_gu is not None, BLOCK_M=bm, BLOCK_N=64, BLOCK_K=128, num_warps=4,
-                    num_stages=4)
+                    act.stride(0), HAS_BIAS=b_gu is not None, BLOCK_M=bm, BLOCK_N=64, BLOCK_K=128, IEEE=ieee,
+                    num_warps=4, num_stages=4)
             else:
                 gu = torch.nn.functional.linear(h, w_gu, b_gu)
                 act = gu.new_empty(T, inter)
