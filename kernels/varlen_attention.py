@@ -47,7 +47,7 @@ def _fwd_block(q, k_desc, v_desc, row_n, col, m_i, l_i, acc, offs_m, offs_n, L, 
 @triton.jit
 def _fwd_kernel(q_desc, k_desc, v_desc, O, LSE, CU, scale_log2, HQ, s_ot, s_oh,
                 GROUP: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                D: tl.constexpr, PREC: tl.constexpr, WS: tl.constexpr):
+                D: tl.constexpr, PREC: tl.constexpr):
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // HQ
@@ -71,7 +71,7 @@ def _fwd_kernel(q_desc, k_desc, v_desc, O, LSE, CU, scale_log2, HQ, s_ot, s_oh,
         else:
             full = L // BLOCK_N * BLOCK_N
             hi = L
-        for n0 in tl.range(0, full, BLOCK_N, warp_specialize=WS):
+        for n0 in range(0, full, BLOCK_N):
             m_i, l_i, acc = _fwd_block(q, k_desc, v_desc, start + n0, kvh * D, m_i, l_i, acc, offs_m,
                                        n0 + offs_nb, L, scale_log2, CAUSAL, False, PREC)
         for n0 in range(full, hi, BLOCK_N):
@@ -131,7 +131,7 @@ def _dkdv_block(dk, dv, k, v, q_desc, do_desc, LSE_s, DELTA_s, i, lo, start, kvh
 def _bwd_dkdv_kernel(q_desc, K, V, do_desc, LSE, DELTA, DK, DV, CU, scale_log2, scale, HQ, HKV,
                      s_kt, s_kh, s_vt, s_vh, s_dkt, s_dkh, s_dvt, s_dvh,
                      GROUP: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     D: tl.constexpr, PREC: tl.constexpr, WS: tl.constexpr):
+                     D: tl.constexpr, PREC: tl.constexpr):
     pid_n = tl.program_id(0)  # key blocks near the start have the most query blocks: they go first
     bh = tl.program_id(1)
     b = bh // HKV
@@ -163,7 +163,7 @@ def _bwd_dkdv_kernel(q_desc, K, V, do_desc, LSE, DELTA, DK, DV, CU, scale_log2, 
         for i in range(0, (tl.minimum(mid, L) - lo + BLOCK_M - 1) // BLOCK_M * GROUP):
             dk, dv = _dkdv_block(dk, dv, k, v, q_desc, do_desc, LSE_s, DELTA_s, i, lo, start, kvh, offs_mb, offs_n, L,
                                  HQ, scale_log2, GROUP, BLOCK_M, D, CAUSAL, True, PREC)
-        for i in tl.range(0, (L_full - mid) // BLOCK_M * GROUP, warp_specialize=WS):
+        for i in range(0, (L_full - mid) // BLOCK_M * GROUP):
             dk, dv = _dkdv_block(dk, dv, k, v, q_desc, do_desc, LSE_s, DELTA_s, i, mid, start, kvh, offs_mb, offs_n, L,
                                  HQ, scale_log2, GROUP, BLOCK_M, D, CAUSAL, False, PREC)
         for i in range(0, (L - tail + BLOCK_M - 1) // BLOCK_M * GROUP):
@@ -195,7 +195,7 @@ def _dq_block(dq, q, do, lse, delta, k_desc, v_desc, row_n, col, offs_m, offs_n,
 @triton.jit
 def _bwd_dq_kernel(Q, k_desc, v_desc, DO, LSE, DELTA, DQ, CU, scale_log2, scale, HQ, s_qt, s_qh, s_dot, s_doh,
                    s_dqt, s_dqh, GROUP: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
-                   BLOCK_N: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr, WS: tl.constexpr):
+                   BLOCK_N: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr):
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // HQ
@@ -220,7 +220,7 @@ def _bwd_dq_kernel(Q, k_desc, v_desc, DO, LSE, DELTA, DQ, CU, scale_log2, scale,
         else:
             full = L // BLOCK_N * BLOCK_N
             hi = L
-        for n0 in tl.range(0, full, BLOCK_N, warp_specialize=WS):
+        for n0 in range(0, full, BLOCK_N):
             dq = _dq_block(dq, q, do, lse, delta, k_desc, v_desc, start + n0, kvh * D, offs_m, n0 + offs_nb, L,
                            scale_log2, CAUSAL, False, PREC)
         for n0 in range(full, hi, BLOCK_N):

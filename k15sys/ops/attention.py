@@ -75,17 +75,11 @@ DQ_CONFIG: dict[int, tuple[int, int, int, int]] = {128: (128, 64, 8, 4), 64: (12
 _INTERPRETER_CONFIG = (16, 16, 4, 1)
 # the dQ kernel on a second CUDA stream, concurrent with the dK/dV kernel
 DQ_SIDE_STREAM = True
-# Triton's warp specialisation of the unmasked inner loops (CUDA only)
-WARP_SPECIALIZE = False
 
 
 def _precision(q: torch.Tensor) -> str:
     """``tl.dot`` input precision: full fp32 for fp32 inputs (not TF32), the tensor-core default otherwise."""
     return "ieee" if q.dtype == torch.float32 else "tf32"
-
-
-def _ws(q: torch.Tensor) -> bool:
-    return WARP_SPECIALIZE and q.device.type == "cuda"
 
 
 def _config(table: dict[int, tuple[int, int, int, int]], q: torch.Tensor) -> tuple[int, int, int, int]:
@@ -122,7 +116,7 @@ class _VarlenAttention(torch.autograd.Function):
         grid = (triton_cdiv(max_seqlen, bm), (cu.numel() - 1) * HQ)
         _fwd_kernel[grid](_desc(q, bm), _desc(k, bn), _desc(v, bn), o, lse, cu, scale * _LOG2E, HQ, o.stride(0),
                           o.stride(1), GROUP=group, CAUSAL=causal, BLOCK_M=bm, BLOCK_N=bn, D=D, PREC=_precision(q),
-                          WS=_ws(q), num_warps=warps, num_stages=stages)
+                          num_warps=warps, num_stages=stages)
         ctx.save_for_backward(q, k, v, o, lse, cu)
         ctx.cfg = (max_seqlen, causal, scale)
         return o
@@ -156,14 +150,14 @@ def _backward(q, k, v, o, lse, do, cu, max_seqlen: int, causal: bool, scale: flo
     _bwd_dkdv_kernel[(triton_cdiv(max_seqlen, bn), nb * HKV)](
         _desc(q, bm), k, v, _desc(do, bm), lse, delta, dk, dv, cu, scale * _LOG2E, scale, HQ, HKV,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
-        GROUP=group, CAUSAL=causal, BLOCK_M=bm, BLOCK_N=bn, D=D, PREC=_precision(q), WS=_ws(q), num_warps=warps,
+        GROUP=group, CAUSAL=causal, BLOCK_M=bm, BLOCK_N=bn, D=D, PREC=_precision(q), num_warps=warps,
         num_stages=stages)
     bm, bn, warps, stages = _config(DQ_CONFIG, q)
     with torch.cuda.stream(stream) if side else contextlib.nullcontext():
         _bwd_dq_kernel[(triton_cdiv(max_seqlen, bm), nb * HQ)](
             q, _desc(k, bn), _desc(v, bn), do, lse, delta, dq, cu, scale * _LOG2E, scale, HQ,
             q.stride(0), q.stride(1), do.stride(0), do.stride(1), dq.stride(0), dq.stride(1),
-            GROUP=group, CAUSAL=causal, BLOCK_M=bm, BLOCK_N=bn, D=D, PREC=_precision(q), WS=_ws(q), num_warps=warps,
+            GROUP=group, CAUSAL=causal, BLOCK_M=bm, BLOCK_N=bn, D=D, PREC=_precision(q), num_warps=warps,
             num_stages=stages)
     if side:
         main.wait_stream(stream)  # every tensor the side stream touched outlives this wait
