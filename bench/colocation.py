@@ -7,7 +7,8 @@ wakes it (``PagedEngine.sleep`` / ``wake``). Measured here, each move timed with
 - trainer, bf16 AdamW state (``model.master_weights=none``) and fp32 master weights + fp32 moments (the bf16
   default): the previous path (``module.to("cpu")`` and ``Tensor.to`` per optimizer state tensor, pageable memory,
   freed blocks returned with ``empty_cache``) against ``TrainerOffload`` (``HostMirror``: buffers page-locked once,
-  copies on a side stream, one synchronisation);
+  copies on a side stream, one synchronisation; with masters the bf16 parameters are recomputed from them, not
+  copied: ``bytes_moved_each_way`` against ``trainer_bytes``);
 - engine: the previous sleep/wake (weights to pageable host memory and back, re-fused, cache reallocated)
   against ``sleep(level=1)`` (weights through pinned buffers) and ``sleep(level=2)`` + a weight push (what the
   trainer does: the weights are discarded, reallocated by wake and filled by the push); the KV cache allocation
@@ -121,12 +122,13 @@ def trainer_case(lm: torch.nn.Module, device: torch.device, *, masters: bool, re
     exact = all(torch.equal(a, b) for a, b in zip(module + rest, want))
     out = {k: statistics.median(v) if v else None for k, v in times.items()}
     out.update({
-        "bytes_moved_each_way": nbytes, "first_offload_with_locking_s": first_offload,
+        "trainer_bytes": nbytes, "bytes_moved_each_way": new.mirror.layout_bytes,
+        "first_offload_with_locking_s": first_offload,
         "host_bytes_locked": new.mirror.host_bytes, "host_buffer_allocations": new.mirror.allocations,
         "bit_identical": exact,
         "round_trip_speedup": None if not previous_reps else
         (out["previous_offload"] + out["previous_onload"]) / (out["offload"] + out["onload"]),
-        "new_gb_per_s_each_way": nbytes / 1e9 / max(out["offload"], out["onload"]),
+        "new_gb_per_s_each_way": new.mirror.layout_bytes / 1e9 / max(out["offload"], out["onload"]),
     })
     del new, old, opt, module, rest, want
     for p in lm.parameters():
@@ -214,7 +216,8 @@ def main() -> None:
             before = (f"previous {r['previous_offload']:.3f} + {r['previous_onload']:.3f} s, " if r["round_trip_speedup"]
                       else "")
             ratio = f" ({r['round_trip_speedup']:.1f}x)" if r["round_trip_speedup"] else ""
-            lines.append(f"  {name}: {r['bytes_moved_each_way'] / 2**30:.2f} GiB each way; {before}now "
+            lines.append(f"  {name}: {r['trainer_bytes'] / 2**30:.2f} GiB of state, {r['bytes_moved_each_way'] / 2**30:.2f} "
+                         f"GiB copied each way; {before}now "
                          f"{r['offload']:.3f} + {r['onload']:.3f} s{ratio}; first offload with locking "
                          f"{r['first_offload_with_locking_s']:.2f} s; exact: {r['bit_identical']}")
         e = result["engine"]

@@ -692,7 +692,16 @@ def test_trainer_offload_moves_the_master_weights_too():
     masters = [m for m in opt.masters if m.dtype == torch.float32 and all(m is not p for p in model.parameters())]
     assert len(masters) == 2 and all(any(m is t for t in rest) for m in masters)
     before = [t.clone() for t in module + rest]
+    off.offload()  # the bf16 parameters are their masters' rounding: recomputed at onload, not copied
+    assert all(p.stride() == (0,) * p.dim() for p in model[0].parameters())
+    assert len(off.mirror._views) == len(module + rest) - 2  # model[0]'s weight and bias stayed out
+    off.onload()
+    assert all(torch.equal(t, b) and t.stride() == b.stride() for t, b in zip(module + rest, before))
+    with torch.no_grad():
+        model[0].weight.add_(1.0)  # no longer the master's rounding: copied like any other tensor
+    before = [t.clone() for t in module + rest]
     off.offload()
+    assert model[0].weight.stride() != (0, 0) and model[0].bias.stride() == (0,)
     off.onload()
     assert all(torch.equal(t, b) for t, b in zip(module + rest, before))
 

@@ -4,7 +4,7 @@ The engine's half is ``sleep()`` / ``wake()`` (:meth:`k15sys.rollout.paged_engin
 asks for level 2, weights discarded, since a weight sync follows every wake). This module is the trainer's half:
 while the engine generates, the policy's parameters and buffers, the optimizer's parameters (fp32 master weights,
 :mod:`k15sys.train.optim`) and its state tensors wait in host memory, and they come back, bit for bit, before the
-training step. Gradients are not kept across iterations (``zero_grad(set_to_none=True)``); any that exist move too.
+training step (a bf16 parameter that is its master's rounding is not copied: it is recomputed from the master). Gradients are not kept across iterations (``zero_grad(set_to_none=True)``); any that exist move too.
 
 Plain tensors move through a :class:`~k15sys.weights.pinned.HostMirror`: pinned host buffers allocated once and
 reused, all copies queued on a side stream, one host synchronisation per offload and none per onload. The
@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from k15sys.train.optim import MasterWeights
 from k15sys.weights.pinned import HostMirror
 
 
@@ -46,6 +47,7 @@ class TrainerOffload:
         self.enabled = self.device.type != "cpu"
         self.mirror = HostMirror(self.device)
         self._sharded = False  # the last offload moved FSDP2 shards with module.to
+        self._derived: list[tuple[nn.Parameter, nn.Parameter]] = []  # parameters recomputed from their masters
         self.offloaded = False
 
     def tensors(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -84,13 +86,32 @@ class TrainerOffload:
             self._sharded = True
             moving = rest
         else:
-            moving = module + rest
+            self._derived = self._rounded_masters()
+            skip = {id(p) for p, _ in self._derived}
+            moving = [t for t in module if id(t) not in skip] + rest
         if not self.optimizer.state:  # before the first step: size the buffers for the state to come
             self.mirror.reserve(tuple((t.dtype, tuple(t.shape)) for t in moving) + self._future_state())
-        self.mirror.offload(moving)
+        self.mirror.offload(moving)  # synchronises: no queued work reads the derived parameters any more
+        for p, _ in self._derived:  # a CPU placeholder of the parameter's shape that holds no memory
+            p.data = torch.zeros((), dtype=p.dtype).expand(p.shape)
         self.offloaded = True
         if self.release_cache and self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+    def _rounded_masters(self) -> list[tuple[nn.Parameter, nn.Parameter]]:
+        """The (parameter, fp32 master) pairs of a :class:`MasterWeights` optimizer whose parameter is exactly its
+        master rounded to the parameter's dtype (true after every step and after ``sync_masters``; checked on
+        the device, one synchronisation): such a parameter is not copied to the host, it is recomputed from its
+        master at onload, which saves 2 of the 14 bytes per parameter each way."""
+        if not isinstance(self.optimizer, MasterWeights):
+            return []
+        pairs = [(p, m) for p, m in zip(self.optimizer.params, self.optimizer.masters)
+                 if m is not p and p.grad is None and p.device.type == self.device.type and not _is_dtensor(m)]
+        if not pairs:
+            return []
+        with torch.no_grad():
+            exact = torch.stack([(p == m.to(p.dtype)).all() for p, m in pairs]).tolist()
+        return [pair for pair, ok in zip(pairs, exact) if ok]
 
     def _future_state(self) -> tuple[tuple[torch.dtype, tuple[int, ...]], ...]:
         """The device state tensors the optimizer creates at its first step, for the optimizers the trainer builds
@@ -112,5 +133,9 @@ class TrainerOffload:
         if self._sharded:
             self.model.to(self.device)
             self._sharded = False
-        self.mirror.onload()
+        self.mirror.onload()  # ordered before the current stream's next work: the masters are back for it
+        with torch.no_grad():
+            for p, m in self._derived:
+                p.data = m.detach().to(p.dtype)
+        self._derived = []
         self.offloaded = False

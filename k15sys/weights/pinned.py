@@ -99,6 +99,11 @@ class HostMirror:
         return sum(b.numel() * b.element_size() for b in self._buffers.values())
 
     @property
+    def layout_bytes(self) -> int:
+        """Bytes of the tensors of the current layout: what each move copies."""
+        return sum(_numel(shape) * dtype.itemsize for dtype, shape in self._layout or ())
+
+    @property
     def offloaded(self) -> bool:
         """Whether tensors are on the host now (moved by :meth:`offload`, not yet brought back)."""
         return bool(self._moved)
