@@ -23,12 +23,45 @@ import triton.language as tl
 
 
 @triton.jit
+def _attend_block(q, k, v, valid, m_i, l_i, acc, scale_log2, IEEE: tl.constexpr):
+    """One block of cached tokens into the running max / sum / output of the online softmax (base 2)."""
+    if IEEE:
+        s = tl.dot(q, tl.trans(k), input_precision="ieee")
+    else:
+        s = tl.dot(q, tl.trans(k))
+    s = tl.where(valid[None, :], s * scale_log2, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    p = tl.exp2(s - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if IEEE:
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision="ieee")
+    else:
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _kv_block(K, V, bt_row, tok, hi, col, dmask, kvh, s_kp, s_kt, s_kh, PAGE: tl.constexpr, PADDED: tl.constexpr):
+    """Keys / values of tokens ``tok`` (those below ``hi``) through the block table row."""
+    valid = tok < hi
+    page = tl.load(bt_row + tok // PAGE, mask=valid, other=0).to(tl.int64)
+    base = page * s_kp + (tok % PAGE) * s_kt + kvh * s_kh
+    kvmask = valid[:, None]
+    if PADDED:
+        kvmask = kvmask & dmask
+    k = tl.load(K + base[:, None] + col[None, :], mask=kvmask, other=0.0)
+    v = tl.load(V + base[:, None] + col[None, :], mask=kvmask, other=0.0)
+    return k, v, valid
+
+
+@triton.jit
 def _paged_decode_kernel(Q, K, V, BT, LENS, O_PART, LSE_PART, scale_log2,
                          s_qb, s_qh, s_kp, s_kt, s_kh, s_bt, s_ob, s_oh, s_os,
                          KN, VN, COS, SIN, s_knb, s_knh, s_vnb, s_vnh, s_cos,
                          GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, PAGE: tl.constexpr,
                          BLOCK_N: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, IEEE: tl.constexpr,
-                         FINAL: tl.constexpr, NEW_KV: tl.constexpr, ROPE: tl.constexpr):
+                         FINAL: tl.constexpr, NEW_KV: tl.constexpr, ROPE: tl.constexpr, PREFETCH: tl.constexpr):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -84,30 +117,19 @@ def _paged_decode_kernel(Q, K, V, BT, LENS, O_PART, LSE_PART, scale_log2,
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, D_PAD], tl.float32)
-    for n0 in range(lo, hi_cached, BLOCK_N):
-        tok = n0 + offs_n
-        valid = tok < hi_cached
-        page = tl.load(bt_row + tok // PAGE, mask=valid, other=0).to(tl.int64)
-        base = page * s_kp + (tok % PAGE) * s_kt + kvh * s_kh
-        kvmask = valid[:, None]
-        if D_PAD != D:
-            kvmask = kvmask & dmask
-        k = tl.load(K + base[:, None] + col[None, :], mask=kvmask, other=0.0)
-        v = tl.load(V + base[:, None] + col[None, :], mask=kvmask, other=0.0)
-        if IEEE:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k))
-        s = tl.where(valid[None, :], s * scale_log2, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.exp2(s - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if IEEE:
-            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision="ieee")
-        else:
-            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
-        m_i = m_new
+    PADDED: tl.constexpr = D_PAD != D
+    if PREFETCH:  # the next block's loads are issued before this block's arithmetic (register double buffer)
+        k, v, valid = _kv_block(K, V, bt_row, lo + offs_n, hi_cached, col, dmask, kvh, s_kp, s_kt, s_kh, PAGE, PADDED)
+        for n0 in range(lo, hi_cached, BLOCK_N):
+            k_n, v_n, valid_n = _kv_block(K, V, bt_row, n0 + BLOCK_N + offs_n, hi_cached, col, dmask, kvh, s_kp,
+                                          s_kt, s_kh, PAGE, PADDED)
+            m_i, l_i, acc = _attend_block(q, k, v, valid, m_i, l_i, acc, scale_log2, IEEE)
+            k, v, valid = k_n, v_n, valid_n
+    else:
+        for n0 in range(lo, hi_cached, BLOCK_N):
+            k, v, valid = _kv_block(K, V, bt_row, n0 + offs_n, hi_cached, col, dmask, kvh, s_kp, s_kt, s_kh, PAGE,
+                                    PADDED)
+            m_i, l_i, acc = _attend_block(q, k, v, valid, m_i, l_i, acc, scale_log2, IEEE)
     if NEW_KV:
         mine = (lo <= pos) & (pos < hi)
         s_new = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], 1) * scale_log2

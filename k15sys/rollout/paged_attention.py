@@ -51,6 +51,14 @@ def _file_newest(q, new_kv, rotary, k_cache, v_cache, block_tables, seq_lens) ->
     return q
 
 
+def decode_launch_config(device: torch.device) -> dict:
+    """Tile and launch parameters of the decode kernel: tokens per block, whether the next block's loads are
+    issued before this block's arithmetic, warps, pipeline stages."""
+    if device.type != "cuda":
+        return {"BLOCK_N": 16, "PREFETCH": False, "num_warps": 4, "num_stages": 2}
+    return {"BLOCK_N": 64, "PREFETCH": False, "num_warps": 4, "num_stages": 2}
+
+
 def default_splits(batch: int, kv_heads: int, device: torch.device, context: int | None = None) -> int:
     """Splits of the context per (sequence, kv head): enough programs to fill the GPU about three times, but no
     split shorter than ``_MIN_SPLIT_TOKENS`` of a ``context``-token sequence (one split needs no merge kernel;
@@ -131,7 +139,7 @@ def paged_decode_attention(
     group = HQ // HKV
     d_pad = max(16, 1 << (D - 1).bit_length())
     page = k_cache.shape[1]
-    block_n = 64 if q.device.type == "cuda" else 16
+    config = decode_launch_config(q.device)
     if q.stride(2) != 1:  # a strided view (the q columns of the fused q/k/v GEMM) is read in place
         q = q.contiguous()
     out = torch.empty(B, HQ, D, dtype=q.dtype, device=q.device)
@@ -150,9 +158,8 @@ def paged_decode_attention(
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         o_part.stride(0), o_part.stride(1), o_part.stride(2),
         kn, vn, cos, sin, kn.stride(0), kn.stride(1), vn.stride(0), vn.stride(1), cos.stride(0),
-        GROUP=group, GROUP_PAD=max(16, 1 << (group - 1).bit_length()), PAGE=page, BLOCK_N=block_n, D=D,
-        D_PAD=d_pad, IEEE=q.dtype == torch.float32, FINAL=final, NEW_KV=new_kv is not None,
-        ROPE=rotary is not None, num_warps=4, num_stages=2)
+        GROUP=group, GROUP_PAD=max(16, 1 << (group - 1).bit_length()), PAGE=page, D=D, D_PAD=d_pad,
+        IEEE=q.dtype == torch.float32, FINAL=final, NEW_KV=new_kv is not None, ROPE=rotary is not None, **config)
     if not final:
         _combine_kernel[(B * HQ,)](o_part, lse_part, out, o_part.stride(0), o_part.stride(1), o_part.stride(2),
                                    out.stride(0), out.stride(1), HQ, SPLITS=splits, D=D, D_PAD=d_pad, num_warps=4)
