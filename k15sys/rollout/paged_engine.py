@@ -398,7 +398,7 @@ class PagedEngine:
         """Pages of the KV cache not held by any sequence (all but the scratch page when idle)."""
         return self.pool.free
 
-    def sleep(self, level: int = 1) -> None:
+    def sleep(self, level: int = 1, *, release_cache: bool = True) -> None:
         """Free the accelerator memory for a colocated trainer (paper 2.6.3). The KV cache and the CUDA graphs
         (which bake in its addresses) go at both levels; the weights, by ``level`` (as vLLM's sleep levels):
 
@@ -411,6 +411,10 @@ class PagedEngine:
           right after every wake, so carrying the old weights out and back would move twice the model's bytes
           over PCIe for nothing. Discarding rather than keeping them on the device gives the trainer all of
           the engine's memory while it trains (allocating them again costs milliseconds).
+
+        ``release_cache`` returns the freed blocks to the driver (``torch.cuda.empty_cache``), for a trainer in
+        another process; a trainer in this process allocates from torch's cache, so it passes False and the
+        next KV cache allocation reuses the blocks (no ``cudaFree`` / ``cudaMalloc`` of the whole cache).
         """
         if level not in (1, 2):
             raise ValueError(f"level: expected 1 (weights to host memory) or 2 (weights discarded), got {level!r}")
@@ -430,7 +434,7 @@ class PagedEngine:
                 if self._mirror is None:
                     self._mirror = HostMirror(self.device)
                 self._mirror.offload(list(self.model.parameters()))
-            if self.device.type == "cuda":
+            if release_cache and self.device.type == "cuda":
                 torch.cuda.empty_cache()
             self._asleep = True
 

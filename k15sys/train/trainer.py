@@ -335,8 +335,8 @@ class Trainer:
         with intra_op_threads(generation_threads(self.cfg)):
             groups = self.scheduler.run_iteration(policy_version=it)
         if self.cfg.run.colocate:  # and hands it back to the trainer
-            if isinstance(self.engine, PagedEngine):  # a weight sync follows its wake: drop the weights (level 2)
-                self.engine.sleep(level=2)
+            if isinstance(self.engine, PagedEngine):  # a weight sync follows its wake: drop the weights (level 2);
+                self.engine.sleep(level=2, release_cache=False)  # its blocks stay in this process's cache for us
             else:
                 self.engine.sleep()
             self.offload.onload()
