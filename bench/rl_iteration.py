@@ -393,6 +393,8 @@ def main() -> None:
         case: dict[str, Any] = {"max_new_tokens": max_new}
         result["cases"].append(case)
         if args.peer in ("both", "k15"):
+            k15_cases_before = sum("k15sys" in c for c in result["cases"][:-1])
+            case["k15sys_kernels_compiled_by_an_earlier_case"] = k15_cases_before > 0
             run_k15(model_dir, data, work / f"L{max_new}", prompts=prompts, group=group, max_new=max_new,
                     iterations=args.iterations, gpu=gpu, record=recorder(case, "k15sys"))
         if args.peer in ("both", "trl") and not trl_missing:
