@@ -295,6 +295,7 @@ def test_engine_with_triton_gemms_on_interpreter(monkeypatch):
     if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("triton needs CUDA or TRITON_INTERPRET=1")
     monkeypatch.setattr(paged_engine, "_TRITON_GEMM_ROWS", 64)
+    monkeypatch.setattr(paged_engine, "_FUSED_MLP_ROWS", 64)
     model = _qwen2()
     want = [_hf_greedy(model, p, 4) for p in PROMPTS[:2]]
     dev = "cuda" if torch.cuda.is_available() else "cpu"

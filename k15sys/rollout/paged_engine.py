@@ -47,7 +47,8 @@ from k15sys.weights.pinned import HostMirror
 
 SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "llama")
 _BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
-_TRITON_GEMM_ROWS = 0  # steps of at most this many rows run their GEMMs as Triton kernels (0: never; cuBLAS)
+_TRITON_GEMM_ROWS = 0  # steps of at most this many rows run q/k/v, o and down as Triton GEMMs (0: never; cuBLAS)
+_FUSED_MLP_ROWS = 0  # steps of at most this many rows run gate/up + silu as one Triton kernel (0: never)
 
 
 class _Decoder:
@@ -140,9 +141,9 @@ class _Decoder:
         hq_pad = 1 << (max(self.num_heads, self.num_kv_heads) - 1).bit_length()
         half_pad = 1 << (self.head_dim // 2 - 1).bit_length()
         cos, sin = rope
-        skinny = T <= _TRITON_GEMM_ROWS  # few rows: weight-streaming Triton GEMMs (gate/up fused with silu)
+        skinny = T <= _TRITON_GEMM_ROWS  # few rows: weight-streaming Triton GEMMs
         ieee = x.dtype == torch.float32
-        bm = max(16, 1 << (T - 1).bit_length())
+        bm = min(64, max(16, 1 << (T - 1).bit_length()))  # row blocks: the weight is read T / bm times
 
         def linear(a: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
             if not skinny:
@@ -176,7 +177,7 @@ class _Decoder:
                                          HALF=self.head_dim // 2, HALF_PAD=half_pad, num_warps=4)
             delta = linear(attend(q, k, v, i).reshape(T, -1), a.o_proj.weight, a.o_proj.bias)
             norm(delta, layer.post_attention_layernorm)
-            if skinny:  # one kernel: the gate/up product and silu * up, no [T, 2 * inter] buffer
+            if T <= _FUSED_MLP_ROWS:  # one kernel: the gate/up product and silu * up, no [T, 2 * inter] buffer
                 act = h.new_empty(T, inter)
                 _gate_up_silu_kernel[(triton_cdiv(inter, 64), triton_cdiv(T, bm))](
                     h, w_gu, w_gu if b_gu is None else b_gu, act, T, h.shape[1], inter, h.stride(0), w_gu.stride(0),
