@@ -10,9 +10,8 @@ wakes it (``PagedEngine.sleep`` / ``wake``). Measured here, each move timed with
   copies on a side stream, one synchronisation; with masters the bf16 parameters are recomputed from them, not
   copied: ``bytes_moved_each_way`` against ``trainer_bytes``);
 - engine: the previous sleep/wake (weights to pageable host memory and back, re-fused, cache reallocated)
-  against ``sleep(level=1)`` (weights through pinned buffers) and ``sleep(level=2, release_cache=False)`` + a
-  weight push (what the trainer does: the weights are discarded, reallocated by wake and filled by the push, the
-  freed blocks stay in torch's cache for the trainer in the same process); the KV cache allocation
+  against ``sleep(level=1)`` (weights through pinned buffers) and ``sleep(level=2)`` + a weight push (what the
+  trainer does: the weights are discarded, reallocated by wake and filled by the push); the KV cache allocation
   and CUDA-graph recapture of the first generate call after wake are reported apart (they run inside the rollout).
 
 Every round trip is checked bit for bit. The first move of the new path also locks its host buffers (a one-time
@@ -99,7 +98,7 @@ def trainer_case(lm: torch.nn.Module, device: torch.device, *, masters: bool, re
     from k15sys.train.optim import build_optimizer
 
     opt = build_optimizer("adamw", lm, lr=1e-6, master_weights=masters)
-    new = TrainerOffload(lm, opt, device, release_cache=False)
+    new = TrainerOffload(lm, opt, device)
     new.enabled = True  # on the CPU (--quick) the host path, with the CPU standing in for the device
     first_offload = timed(new.offload)  # before the first step: buffers locked for the state to come
     new.onload()
@@ -172,7 +171,7 @@ def engine_case(lm: torch.nn.Module, device: torch.device, *, reps: int) -> dict
         times["wake_level1"].append(timed(eng.wake))
         times["generate_after_wake"].append(timed(lambda: eng.generate(prompts, sp)))  # KV cache + graph capture
         times["generate_graphs_captured"].append(timed(lambda: eng.generate(prompts, sp)))
-        times["sleep_level2"].append(timed(lambda: eng.sleep(level=2, release_cache=False)))  # as the trainer does
+        times["sleep_level2"].append(timed(lambda: eng.sleep(level=2)))
         times["wake_level2"].append(timed(eng.wake))
         times["push_after_level2"].append(timed(lambda: eng.update_weights(weights.items())))
         eng.generate(prompts[:8], sp)

@@ -399,7 +399,7 @@ class PagedEngine:
         """Pages of the KV cache not held by any sequence (all but the scratch page when idle)."""
         return self.pool.free
 
-    def sleep(self, level: int = 1, *, release_cache: bool = True) -> None:
+    def sleep(self, level: int = 1) -> None:
         """Free the accelerator memory for a colocated trainer (paper 2.6.3). The KV cache and the CUDA graphs
         (which bake in its addresses) go at both levels; the weights, by ``level`` (as vLLM's sleep levels):
 
@@ -413,9 +413,9 @@ class PagedEngine:
           over PCIe for nothing. Discarding rather than keeping them on the device gives the trainer all of
           the engine's memory while it trains (allocating them again costs milliseconds).
 
-        ``release_cache`` returns the freed blocks to the driver (``torch.cuda.empty_cache``), for a trainer in
-        another process; a trainer in this process allocates from torch's cache, so it passes False and the
-        next KV cache allocation reuses the blocks (no ``cudaFree`` / ``cudaMalloc`` of the whole cache).
+        The freed blocks go back to the driver (``torch.cuda.empty_cache``): kept in torch's cache, the cache's
+        one large block would be carved up by the trainer and the woken weights, and the next cache allocation
+        could then not reuse it.
         """
         if level not in (1, 2):
             raise ValueError(f"level: expected 1 (weights to host memory) or 2 (weights discarded), got {level!r}")
@@ -435,7 +435,7 @@ class PagedEngine:
                 if self._mirror is None:
                     self._mirror = HostMirror(self.device)
                 self._mirror.offload(list(self.model.parameters()))
-            if release_cache and self.device.type == "cuda":
+            if self.device.type == "cuda":
                 torch.cuda.empty_cache()
             self._asleep = True
 

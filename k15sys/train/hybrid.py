@@ -36,14 +36,14 @@ class TrainerOffload:
             per-parameter state tensors on the accelerator move with the model (CPU-resident ones, such as Adam's
             step counters, stay where they are).
         device: the accelerator the trainer runs on; a CPU device makes both calls no-ops (``enabled`` False).
-        release_cache: return the freed device blocks to the driver (``torch.cuda.empty_cache``) after an offload,
-            for a rollout engine in another process; with an engine in this process they stay in torch's cache,
-            where the engine allocates from, and the onload reuses them (no ``cudaMalloc`` per tensor).
+
+    The freed device blocks go back to the driver after an offload (``torch.cuda.empty_cache``): kept in torch's
+    cache they would spare the onload a ``cudaMalloc`` per tensor, but the engine's allocations would carve them
+    up and the next onload would allocate beside them.
     """
 
-    def __init__(self, model: nn.Module, optimizer: Any, device: torch.device, *, release_cache: bool = True) -> None:
+    def __init__(self, model: nn.Module, optimizer: Any, device: torch.device) -> None:
         self.model, self.optimizer, self.device = model, optimizer, torch.device(device)
-        self.release_cache = release_cache
         self.enabled = self.device.type != "cpu"
         self.mirror = HostMirror(self.device)
         self._sharded = False  # the last offload moved FSDP2 shards with module.to
@@ -95,7 +95,7 @@ class TrainerOffload:
         for p, _ in self._derived:  # a CPU placeholder of the parameter's shape that holds no memory
             p.data = torch.zeros((), dtype=p.dtype).expand(p.shape)
         self.offloaded = True
-        if self.release_cache and self.device.type == "cuda":
+        if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
     def _rounded_masters(self) -> list[tuple[nn.Parameter, nn.Parameter]]:

@@ -191,8 +191,7 @@ class Trainer:
         masters = cfg.model.master_weights == "fp32"  # fp32 copies stepped for bf16 parameters (k15sys.train.optim)
         self.optimizer: Any = build_optimizer(cfg.rl.optimizer, self.policy, lr=cfg.rl.lr, master_weights=masters)
         # hybrid deployment: the trainer's memory (plain or FSDP2-sharded) goes to the host while the engine generates
-        self.offload = TrainerOffload(self.policy, self.optimizer, self.device,
-                                      release_cache=isinstance(self.engine, RemoteEngine))
+        self.offload = TrainerOffload(self.policy, self.optimizer, self.device)
         sft_cfg = cfg.sft if self.task.has_sft else dataclasses.replace(cfg.sft, steps=0)  # no traces: no warm-up
         self.warmup: WarmUp | None = WarmUp(self.policy, self.task.sft_examples, sft_cfg, seed=cfg.run.seed,
                                             pad_id=tok.pad_token_id, row_tokens=cfg.run.pack_row_tokens,
@@ -335,8 +334,8 @@ class Trainer:
         with intra_op_threads(generation_threads(self.cfg)):
             groups = self.scheduler.run_iteration(policy_version=it)
         if self.cfg.run.colocate:  # and hands it back to the trainer
-            if isinstance(self.engine, PagedEngine):  # a weight sync follows its wake: drop the weights (level 2);
-                self.engine.sleep(level=2, release_cache=False)  # its blocks stay in this process's cache for us
+            if isinstance(self.engine, PagedEngine):  # a weight sync follows its wake: drop the weights (level 2)
+                self.engine.sleep(level=2)
             else:
                 self.engine.sleep()
             self.offload.onload()
