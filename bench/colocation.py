@@ -202,7 +202,8 @@ def main() -> None:
         "torch": torch.__version__, "model": "tiny Qwen2" if not gpu else "Qwen2.5-1.5B shape (random), bf16",
         "parameters": sum(p.numel() for p in lm.parameters()), "reps": args.reps, "previous_reps": args.previous_reps,
     }
-    out_path = benchlib.result_path(args, f"colocation_{'cpu_quick' if args.quick else 'gpu'}.json")
+    name = "cpu_quick" if not gpu else result["device"].replace(" ", "_")
+    out_path = benchlib.result_path(args, f"colocation_{name}.json")
     for name, masters in (("trainer_bf16_adamw", False), ("trainer_fp32_master_weights", True)):
         result[name] = trainer_case(lm, device, masters=masters, reps=args.reps, previous_reps=args.previous_reps)
         if gpu:
