@@ -1,7 +1,9 @@
 """Decode attention over a paged KV cache (the rollout engine's inner loop, paper 2.6.2).
 
 ``paged_decode_attention`` attends one query token per sequence to the sequence's cached keys / values,
-read through its block table (see ``k15sys.kernels.paged_attention`` for the layout). Backends:
+read through its block table (see ``k15sys.kernels.paged_attention`` for the layout); in a decode step it
+can also take the newest token's key / value, rotate q and that key, and file them in the cache itself
+(``new_kv`` / ``rotary``). Backends:
 ``"triton"`` (flash-decoding kernel, CUDA or ``TRITON_INTERPRET=1``), ``"torch"`` (gathers the pages and
 runs plain attention: the CPU path and the reference), ``"auto"`` (triton on CUDA).
 """
