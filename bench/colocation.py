@@ -62,7 +62,8 @@ def build(quick: bool, device: torch.device) -> torch.nn.Module:
 
 
 def _state_tensors(opt: Any) -> list[tuple[dict, str]]:
-    return [(st, k) for st in opt.state.values() for k, v in st.items() if torch.is_tensor(v) and v.device.type != "cpu"]
+    return [(st, k) for st in opt.state.values() for k, v in st.items()
+            if torch.is_tensor(v) and v.device.type != "cpu"]
 
 
 class PreviousTrainerOffload:
@@ -140,7 +141,8 @@ def engine_case(lm: torch.nn.Module, device: torch.device, *, reps: int) -> dict
     from k15sys.rollout.paged_engine import make_rollout_engine
     from k15sys.rollout.types import SamplingParams
 
-    eng = make_rollout_engine("paged", copy.deepcopy(lm), device, kv_cache_tokens=None if device.type == "cuda" else 4096)
+    eng = make_rollout_engine("paged", copy.deepcopy(lm), device,
+                              kv_cache_tokens=None if device.type == "cuda" else 4096)
     vocab = eng.decoder.vocab
     prompts = [[(37 * i + j) % (vocab - 10) + 5 for j in range(60 + i)] for i in range(32) for _ in range(8)]
     sp = SamplingParams(8 if device.type == "cpu" else 32, temperature=1.0, seed=0)
@@ -214,11 +216,11 @@ def main() -> None:
         lines = [f"colocation moves on {result['device']} ({result['model']}), medians of {args.reps}"]
         for name in ("trainer_bf16_adamw", "trainer_fp32_master_weights"):
             r = result[name]
-            before = (f"previous {r['previous_offload']:.3f} + {r['previous_onload']:.3f} s, " if r["round_trip_speedup"]
-                      else "")
+            before = (f"previous {r['previous_offload']:.3f} + {r['previous_onload']:.3f} s, "
+                      if r["round_trip_speedup"] else "")
             ratio = f" ({r['round_trip_speedup']:.1f}x)" if r["round_trip_speedup"] else ""
-            lines.append(f"  {name}: {r['trainer_bytes'] / 2**30:.2f} GiB of state, {r['bytes_moved_each_way'] / 2**30:.2f} "
-                         f"GiB copied each way; {before}now "
+            lines.append(f"  {name}: {r['trainer_bytes'] / 2**30:.2f} GiB of state, "
+                         f"{r['bytes_moved_each_way'] / 2**30:.2f} GiB copied each way; {before}now "
                          f"{r['offload']:.3f} + {r['onload']:.3f} s{ratio}; first offload with locking "
                          f"{r['first_offload_with_locking_s']:.2f} s; exact: {r['bit_identical']}")
         e = result["engine"]

@@ -30,7 +30,8 @@ def _engine(model, **kw) -> PagedEngine:
 
 def _model_and_adam(device: str, dtype: torch.dtype = torch.float32):
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(32, 48), torch.nn.LayerNorm(48), torch.nn.Linear(48, 8)).to(device, dtype)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 48), torch.nn.LayerNorm(48), torch.nn.Linear(48, 8))
+    model = model.to(device, dtype)
     model.register_buffer("scale", torch.tensor(0.5, device=device))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     return model, opt
@@ -159,7 +160,8 @@ def test_weight_sync_fills_an_engine_woken_from_level_2():
     eng.sleep(level=2)
     eng.wake()
     sync.push()
-    assert [g.token_ids for g in eng.generate(PROMPTS, SamplingParams(10, temperature=0))] == [w.token_ids for w in want]
+    got = eng.generate(PROMPTS, SamplingParams(10, temperature=0))
+    assert [g.token_ids for g in got] == [w.token_ids for w in want]
 
 
 @pytest.mark.gpu

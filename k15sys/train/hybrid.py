@@ -4,7 +4,8 @@ The engine's half is ``sleep()`` / ``wake()`` (:meth:`k15sys.rollout.paged_engin
 asks for level 2, weights discarded, since a weight sync follows every wake). This module is the trainer's half:
 while the engine generates, the policy's parameters and buffers, the optimizer's parameters (fp32 master weights,
 :mod:`k15sys.train.optim`) and its state tensors wait in host memory, and they come back, bit for bit, before the
-training step (a bf16 parameter that is its master's rounding is not copied: it is recomputed from the master). Gradients are not kept across iterations (``zero_grad(set_to_none=True)``); any that exist move too.
+training step (a bf16 parameter that is its master's rounding is not copied: it is recomputed from the master).
+Gradients are not kept across iterations (``zero_grad(set_to_none=True)``); any that exist move too.
 
 Plain tensors move through a :class:`~k15sys.weights.pinned.HostMirror`: pinned host buffers allocated once and
 reused, all copies queued on a side stream, one host synchronisation per offload and none per onload. The

@@ -104,8 +104,8 @@ class MasterWeights:
             "master_weights": {n: _full_cpu(m) for n, m in zip(self.names, self.masters)},
             "state": {n: {k: _full_cpu(v) if torch.is_tensor(v) else v for k, v in self.optimizer.state[m].items()}
                       for n, m in zip(self.names, self.masters) if m in self.optimizer.state},
-            "param_groups": [{**{k: v for k, v in g.items() if k != "params"}, "params": [index[id(m)] for m in g["params"]]}
-                             for g in self.optimizer.param_groups],
+            "param_groups": [{**{k: v for k, v in g.items() if k != "params"},
+                              "params": [index[id(m)] for m in g["params"]]} for g in self.optimizer.param_groups],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -125,7 +125,8 @@ class MasterWeights:
         with torch.no_grad():
             for n, m in zip(self.names, self.masters):
                 src = _like(state["master_weights"][n], m)
-                (m.to_local() if hasattr(m, "device_mesh") else m).copy_(src.to_local() if hasattr(src, "device_mesh") else src)
+                local = m.to_local() if hasattr(m, "device_mesh") else m
+                local.copy_(src.to_local() if hasattr(src, "device_mesh") else src)
         position = {n: i for i, n in enumerate(self.names)}
         inner = {
             "state": {position[n]: {k: _like(v, self.masters[position[n]]) if torch.is_tensor(v) else v
