@@ -97,35 +97,41 @@ def test_deterministic_gpu_runs_are_bit_identical(tmp_path, deterministic_mode):
 
 
 def test_colocated_trainer_gives_the_engine_its_memory_and_trains_the_same(tmp_path):
-    """`run.colocate` (paper 2.6.3): while the engine generates, the trainer's parameters and Adam state are in
-    host memory (measured inside the rollout, the engine's KV cache aside), and the run's results equal the
-    non-colocated run's."""
+    """`run.colocate` (paper 2.6.3): the offload before a rollout frees the trainer's parameters and both Adam
+    moments from the GPU, during the rollout all of them are in host memory, and the run's results equal the
+    non-colocated run's. The totals in use at a rollout's start are not compared between the two runs: on an
+    H200 (2026-12-03) the colocated run held more other memory there (154 MB against 132 MB; the engine's CUDA
+    graphs are captured again after every wake, with their memory pools and workspaces)."""
     big = ["model.hidden_size=256", "model.intermediate_size=1024", "model.num_layers=4", "model.num_heads=4"]
-    runs, during_rollout = {}, {}
+    runs, freed, on_host = {}, [], []
     for colocate in (False, True):
         cfg = load_config(None, [*TINY, *big, "rl.iterations=3", f"run.colocate={str(colocate).lower()}",
                                  f"run.output_dir={tmp_path / str(colocate)}"])
         gc.collect()  # the previous run's trainer
-        base = torch.cuda.memory_allocated()
         trainer = Trainer(cfg)
-        rollouts, seen = trainer.scheduler.run_iteration, []
+        offload, rollouts = trainer.offload.offload, trainer.scheduler.run_iteration
 
-        def measured(*a, **k):  # the engine's KV cache (allocated by its first generate call) is not counted
-            kv = getattr(trainer.engine, "_kv", None)
-            seen.append(torch.cuda.memory_allocated() - (0 if kv is None else kv.numel() * kv.element_size()))
+        def measured_offload():
+            held = torch.cuda.memory_allocated()
+            offload()
+            freed.append(held - torch.cuda.memory_allocated())
+
+        def measured_rollouts(*a, **k):
+            module, rest = trainer.offload.tensors()
+            on_host.append((colocate, all(t.device.type == "cpu" for t in module + rest), len(rest)))
             return rollouts(*a, **k)
 
-        trainer.scheduler.run_iteration = measured
+        trainer.offload.offload, trainer.scheduler.run_iteration = measured_offload, measured_rollouts
         trainer.run()
         runs[colocate] = _rows(tmp_path / str(colocate))
-        during_rollout[colocate] = seen[-1] - base  # iteration 3: trained before, so Adam's moments exist
         assert runs[colocate][2]["rl/trained_groups"] > 0
         params = sum(p.numel() * p.element_size() for p in trainer.policy.parameters())
         assert next(trainer.policy.parameters()).is_cuda  # back on the GPU after the run
-        del trainer, rollouts, measured
-    # colocated, only the engine's copy of the weights is on the GPU during the rollouts; otherwise the trainer's
-    # parameters and Adam's two moments are there too (gradients are freed after each training step)
-    assert during_rollout[True] <= 1.05 * params and during_rollout[False] >= 3.9 * params, (during_rollout, params)
+        del trainer, offload, rollouts, measured_offload, measured_rollouts
+    # iteration 3 (trained before, so Adam's moments exist): parameters + two moments left the GPU (fp32, no masters)
+    assert len(freed) == 3 and freed[-1] >= 3 * params, (freed, params)
+    assert [c for c, _, _ in on_host] == [False] * 3 + [True] * 3
+    assert [h for c, h, _ in on_host if c] == [True] * 3 and on_host[-1][2] > 0  # the moments too
     keys = ("rl/reward", "rl/accuracy", "eval/pass@1")
     for a, b in zip(runs[False], runs[True]):
         assert {k: a.get(k) for k in keys} == {k: b.get(k) for k in keys}
