@@ -13,8 +13,6 @@ torch elsewhere.
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.nn.functional as F
 
@@ -73,8 +71,6 @@ FWD_CONFIG: dict[int, tuple[int, int, int, int]] = {128: (128, 128, 8, 3), 64: (
 DKDV_CONFIG: dict[int, tuple[int, int, int, int]] = {128: (64, 128, 8, 3), 64: (64, 128, 8, 2)}
 DQ_CONFIG: dict[int, tuple[int, int, int, int]] = {128: (128, 64, 8, 4), 64: (128, 64, 8, 3)}
 _INTERPRETER_CONFIG = (16, 16, 4, 1)
-# the dQ kernel on a second CUDA stream, concurrent with the dK/dV kernel
-DQ_SIDE_STREAM = True
 
 
 def _precision(q: torch.Tensor) -> str:
@@ -128,9 +124,8 @@ class _VarlenAttention(torch.autograd.Function):
 
 
 def _backward(q, k, v, o, lse, do, cu, max_seqlen: int, causal: bool, scale: float):
-    """dq, dk, dv: delta = rowsum(dO * O) first, then the dK/dV kernel and the dQ kernel. The two read the same
-    inputs and write disjoint outputs; on CUDA the dQ kernel runs on a side stream (``DQ_SIDE_STREAM``) so that
-    its blocks fill the SMs the dK/dV grid leaves idle at its end, and the other way round."""
+    """dq, dk, dv: delta = rowsum(dO * O) first, then the dK/dV kernel and the dQ kernel (which recomputes QKᵀ
+    and dP: on the H200 that beat adding dQ from the dK/dV kernel, see docs/attention.md)."""
     from k15sys.kernels.varlen_attention import _bwd_dkdv_kernel, _bwd_dq_kernel, _bwd_pre_kernel
 
     T, HQ, D = q.shape
@@ -141,11 +136,6 @@ def _backward(q, k, v, o, lse, do, cu, max_seqlen: int, causal: bool, scale: flo
     _bwd_pre_kernel[(triton_cdiv(T * HQ, pre),)](o, do, delta, T, HQ, o.stride(0), o.stride(1), BLOCK=pre, D=D)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     nb = cu.numel() - 1
-    side = DQ_SIDE_STREAM and q.device.type == "cuda"
-    main = torch.cuda.current_stream(q.device) if side else None
-    stream = _side_stream(q.device) if side else None
-    if side:
-        stream.wait_stream(main)  # delta and the inputs are ready; only the main stream writes dk/dv
     bm, bn, warps, stages = _config(DKDV_CONFIG, q)
     _bwd_dkdv_kernel[(triton_cdiv(max_seqlen, bn), nb * HKV)](
         _desc(q, bm), k, v, _desc(do, bm), lse, delta, dk, dv, cu, scale * _LOG2E, scale, HQ, HKV,
@@ -153,24 +143,12 @@ def _backward(q, k, v, o, lse, do, cu, max_seqlen: int, causal: bool, scale: flo
         GROUP=group, CAUSAL=causal, BLOCK_M=bm, BLOCK_N=bn, D=D, PREC=_precision(q), num_warps=warps,
         num_stages=stages)
     bm, bn, warps, stages = _config(DQ_CONFIG, q)
-    with torch.cuda.stream(stream) if side else contextlib.nullcontext():
-        _bwd_dq_kernel[(triton_cdiv(max_seqlen, bm), nb * HQ)](
-            q, _desc(k, bn), _desc(v, bn), do, lse, delta, dq, cu, scale * _LOG2E, scale, HQ,
-            q.stride(0), q.stride(1), do.stride(0), do.stride(1), dq.stride(0), dq.stride(1),
-            GROUP=group, CAUSAL=causal, BLOCK_M=bm, BLOCK_N=bn, D=D, PREC=_precision(q), num_warps=warps,
-            num_stages=stages)
-    if side:
-        main.wait_stream(stream)  # every tensor the side stream touched outlives this wait
+    _bwd_dq_kernel[(triton_cdiv(max_seqlen, bm), nb * HQ)](
+        q, _desc(k, bn), _desc(v, bn), do, lse, delta, dq, cu, scale * _LOG2E, scale, HQ,
+        q.stride(0), q.stride(1), do.stride(0), do.stride(1), dq.stride(0), dq.stride(1),
+        GROUP=group, CAUSAL=causal, BLOCK_M=bm, BLOCK_N=bn, D=D, PREC=_precision(q), num_warps=warps,
+        num_stages=stages)
     return dq, dk, dv
-
-
-_SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
-
-
-def _side_stream(device: torch.device) -> torch.cuda.Stream:
-    if device not in _SIDE_STREAMS:
-        _SIDE_STREAMS[device] = torch.cuda.Stream(device)
-    return _SIDE_STREAMS[device]
 
 
 def triton_cdiv(a: int, b: int) -> int:
