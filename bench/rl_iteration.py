@@ -166,8 +166,6 @@ def run_k15(model_dir: Path, data: Path, work: Path, *, prompts: int, group: int
             })
     finally:
         tr.close()
-        del tr
-        _free_gpu()
 
 
 def _announced(fn: Callable, what: str) -> Callable:
@@ -181,11 +179,14 @@ def _announced(fn: Callable, what: str) -> Callable:
 
 
 def _free_gpu() -> None:
+    """Return the finished side's GPU memory (call after its objects went out of scope) and say what is left."""
     import gc
 
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+        print(f"  GPU memory after cleanup: {torch.cuda.memory_allocated() / 2**30:.2f} GiB allocated, "
+              f"{torch.cuda.memory_reserved() / 2**30:.2f} GiB reserved", file=sys.stderr, flush=True)
 
 
 def trl_problem() -> str | None:
@@ -310,7 +311,6 @@ def run_trl(model_dir: Path, rows: list[dict], work: Path, *, group: int, max_ne
         tr.train()
     finally:
         del tr, model
-        _free_gpu()
     return {"micro_batch": micro, "gradient_accumulation": min(STEP_SAMPLES, samples) // micro,
             "generation_batch": samples, "warmup_s": warmup_s}
 
@@ -397,6 +397,7 @@ def main() -> None:
             case["k15sys_kernels_compiled_by_an_earlier_case"] = k15_cases_before > 0
             run_k15(model_dir, data, work / f"L{max_new}", prompts=prompts, group=group, max_new=max_new,
                     iterations=args.iterations, gpu=gpu, record=recorder(case, "k15sys"))
+            _free_gpu()
         if args.peer in ("both", "trl") and not trl_missing:
             if max_new not in trl_lengths:
                 case["trl"] = {"not_run": "not requested at this length (--trl-max-new-tokens)"}
@@ -412,7 +413,7 @@ def main() -> None:
 
                     traceback.print_exc()
                     case["trl"]["error"] = f"{type(e).__name__}: {str(e)[:500]}"
-                    _free_gpu()
+                _free_gpu()
         ours, peer = (case.get(k, {}).get("steady") for k in ("k15sys", "trl"))
         if ours and peer:
             case["throughput_ratio_vs_trl"] = peer["iteration_s"] / ours["iteration_s"]
