@@ -288,22 +288,6 @@ def test_engine_with_triton_kernels_on_interpreter(build):
         assert np.allclose(o.logprobs, r.logprobs, atol=1e-4)
 
 
-def test_engine_with_triton_gemms_on_interpreter(monkeypatch):
-    """The few-row Triton GEMMs (q/k/v with its bias, o, down; gate/up fused with silu) on the whole engine."""
-    import k15sys.rollout.paged_engine as paged_engine
-
-    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("triton needs CUDA or TRITON_INTERPRET=1")
-    monkeypatch.setattr(paged_engine, "_TRITON_GEMM_ROWS", 64)
-    monkeypatch.setattr(paged_engine, "_FUSED_MLP_ROWS", 64)
-    model = _qwen2()
-    want = [_hf_greedy(model, p, 4) for p in PROMPTS[:2]]
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    eng = _engine(model.to(dev), device=dev, attention_backend="triton", fused_kernels=True, cuda_graphs=False)
-    outs = eng.generate(PROMPTS[:2], SamplingParams(4, temperature=0))
-    assert [o.token_ids for o in outs] == want
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("build", [_qwen2, _llama], ids=["qwen2", "llama"])
 def test_gpu_graphs_greedy_equals_transformers(build):

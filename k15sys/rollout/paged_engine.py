@@ -47,8 +47,6 @@ from k15sys.weights.pinned import HostMirror
 
 SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "llama")
 _BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
-_TRITON_GEMM_ROWS = 0  # steps of at most this many rows run q/k/v, o and down as Triton GEMMs (0: never; cuBLAS)
-_FUSED_MLP_ROWS = 0  # steps of at most this many rows run gate/up + silu as one Triton kernel (0: never)
 
 
 class _Decoder:
@@ -126,13 +124,7 @@ class _Decoder:
                        _fuse([layer.mlp.gate_proj, layer.mlp.up_proj])) for layer in self.base.layers]
 
     def _forward_fused(self, ids, pos, rope, kv, slots, attend) -> torch.Tensor:
-        from k15sys.kernels.paged_fused import (
-            _add_rmsnorm_kernel,
-            _gate_up_silu_kernel,
-            _rope_store_kernel,
-            _silu_mul_kernel,
-            _skinny_linear_kernel,
-        )
+        from k15sys.kernels.paged_fused import _add_rmsnorm_kernel, _rope_store_kernel, _silu_mul_kernel
 
         T = ids.shape[0]
         x = self.base.embed_tokens(ids)
@@ -141,18 +133,6 @@ class _Decoder:
         hq_pad = 1 << (max(self.num_heads, self.num_kv_heads) - 1).bit_length()
         half_pad = 1 << (self.head_dim // 2 - 1).bit_length()
         cos, sin = rope
-        skinny = T <= _TRITON_GEMM_ROWS  # few rows: weight-streaming Triton GEMMs
-        ieee = x.dtype == torch.float32
-        bm = min(64, max(16, 1 << (T - 1).bit_length()))  # row blocks: the weight is read T / bm times
-
-        def linear(a: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-            if not skinny:
-                return torch.nn.functional.linear(a, w, b)
-            out = a.new_empty(T, w.shape[0])
-            _skinny_linear_kernel[(triton_cdiv(w.shape[0], 32), triton_cdiv(T, bm))](
-                a, w, w if b is None else b, out, T, a.shape[1], w.shape[0], a.stride(0), w.stride(0), out.stride(0),
-                HAS_BIAS=b is not None, BLOCK_M=bm, BLOCK_N=32, BLOCK_K=128, IEEE=ieee, num_warps=4, num_stages=4)
-            return out
 
         def norm(delta: torch.Tensor | None, module: torch.nn.Module) -> None:
             eps = float(getattr(module, "variance_epsilon", getattr(module, "eps", 1e-6)))
@@ -166,7 +146,7 @@ class _Decoder:
             norm(delta, layer.input_layernorm)
             (w_qkv, b_qkv, sizes), (w_gu, b_gu, (inter, _)) = self.fused[i]
             q, k, v = (t.unflatten(-1, (-1, self.head_dim))
-                       for t in linear(h, w_qkv, b_qkv).split(sizes, dim=-1))
+                       for t in torch.nn.functional.linear(h, w_qkv, b_qkv).split(sizes, dim=-1))
             if hasattr(a, "q_norm"):
                 q, k = a.q_norm(q), a.k_norm(k)
             if slots is not None:
@@ -175,20 +155,13 @@ class _Decoder:
                                          k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos.stride(0),
                                          kc.stride(0), kc.stride(1), self.num_heads, self.num_kv_heads, H_PAD=hq_pad,
                                          HALF=self.head_dim // 2, HALF_PAD=half_pad, num_warps=4)
-            delta = linear(attend(q, k, v, i).reshape(T, -1), a.o_proj.weight, a.o_proj.bias)
+            delta = a.o_proj(attend(q, k, v, i).reshape(T, -1))
             norm(delta, layer.post_attention_layernorm)
-            if T <= _FUSED_MLP_ROWS:  # one kernel: the gate/up product and silu * up, no [T, 2 * inter] buffer
-                act = h.new_empty(T, inter)
-                _gate_up_silu_kernel[(triton_cdiv(inter, 64), triton_cdiv(T, bm))](
-                    h, w_gu, w_gu if b_gu is None else b_gu, act, T, h.shape[1], inter, h.stride(0), w_gu.stride(0),
-                    act.stride(0), HAS_BIAS=b_gu is not None, BLOCK_M=bm, BLOCK_N=64, BLOCK_K=128, IEEE=ieee,
-                    num_warps=4, num_stages=4)
-            else:
-                gu = torch.nn.functional.linear(h, w_gu, b_gu)
-                act = gu.new_empty(T, inter)
-                _silu_mul_kernel[(T, triton_cdiv(inter, 1024))](gu, act, inter, gu.stride(0), act.stride(0),
-                                                                BLOCK=1024, num_warps=4)
-            delta = linear(act, layer.mlp.down_proj.weight, layer.mlp.down_proj.bias)
+            gu = torch.nn.functional.linear(h, w_gu, b_gu)
+            act = gu.new_empty(T, inter)
+            _silu_mul_kernel[(T, triton_cdiv(inter, 1024))](gu, act, inter, gu.stride(0), act.stride(0), BLOCK=1024,
+                                                            num_warps=4)
+            delta = layer.mlp.down_proj(act)
         norm(delta, self.base.norm)
         return h
 
