@@ -1,6 +1,7 @@
 """Optional metric mirrors: Weights & Biases and MLflow through fake modules (no network; issue 23 item 9)."""
 from __future__ import annotations
 
+import importlib.machinery
 import sys
 import types
 
@@ -34,8 +35,9 @@ def fakes(monkeypatch):
     mlflow.log_params = lambda params: calls["mlflow"].append(("log_params", params))
     mlflow.log_metrics = lambda metrics, step: calls["mlflow"].append(("log_metrics", metrics, step))
     mlflow.end_run = lambda: calls["mlflow"].append(("end_run",))
-    monkeypatch.setitem(sys.modules, "wandb", wandb)
-    monkeypatch.setitem(sys.modules, "mlflow", mlflow)
+    for fake in (wandb, mlflow):  # a spec, as an installed module has: accelerate asks find_spec("wandb")
+        fake.__spec__ = importlib.machinery.ModuleSpec(fake.__name__, loader=None)
+        monkeypatch.setitem(sys.modules, fake.__name__, fake)
     return calls
 
 

@@ -89,7 +89,7 @@ def test_main_job_with_a_rollout_worker_process_equals_the_in_process_run(tmp_pa
     tiny = ["sft.steps=4", "sft.batch_size=8", "rl.iterations=2", "rl.prompts_per_iteration=4", "rl.group_size=4",
             "rl.skip_zero_advantage=false", "rl.minibatch_size=8", "rl.max_new_tokens=24", "task.num_train=48", "task.num_eval=8", "eval.every=1",
             "run.threads=1", "run.progress=false", "run.tensorboard=false", "model.hidden_size=32",
-            "model.intermediate_size=64", "model.num_layers=2"]
+            "model.intermediate_size=64", "model.num_layers=2", "run.device=cpu"]  # bit-identity is a CPU property
     runs = {}
     for workers in (0, 1):
         out = tmp_path / f"run{workers}"

@@ -1,6 +1,7 @@
 """kill -9 in the middle of an RL iteration, resume, and the run equals the uninterrupted one."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -215,7 +216,8 @@ def test_a_failed_save_under_torchrun_stops_every_rank_with_the_message(tmp_path
     script.write_text(SAVE_FAILS)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script),
            *TINY, f"run.output_dir={tmp_path / 'run'}"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # gloo ranks on the CPU, also on a machine with one GPU
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "rank 0 raised: [Errno 28] checkpoint: " in proc.stdout
     assert "rank 1 raised: rank 0 could not save the checkpoint: [Errno 28] checkpoint: " in proc.stdout
