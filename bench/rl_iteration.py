@@ -1,7 +1,7 @@
 """Time per RL iteration of ``k15 train`` on a transformers model, split by phase, next to TRL's GRPOTrainer.
 
-One iteration = P prompts x G samples, responses up to L tokens (the random model never stops early, so every
-response is L tokens long on both sides), then optimizer steps of 64 samples each over the whole batch.
+One iteration = P prompts x G samples, responses up to L tokens (the random model almost never stops early, so
+responses are L tokens long on both sides), then optimizer steps of 64 samples each over the whole batch.
 
 - k15sys: ``Trainer.rl_iteration`` of a ``model.path`` run (``sft.steps=0``, every group trained,
   ``rl.token_budget=0``: no partial rollouts, every trajectory finishes in its iteration, as in TRL). Phases:
