@@ -76,7 +76,7 @@ def test_triton_head_dims_off_the_kernel_sizes_are_zero_padded(D):
     run_case([9, 20], 4, 2, D, True, torch.float32, 1e-5)
 
 
-@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("causal", [pytest.param(True, marks=interpreter_only), False])  # CUDA: fp32 causal above
 def test_triton_noncausal_fp16_and_d64(causal):
     run_case([23, 48], 2, 1, 64, causal, torch.float32, 1e-5)
     if DEV == "cpu":  # fp16 on CUDA: the GPU grid
