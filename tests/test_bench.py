@@ -48,7 +48,8 @@ def test_require_gpus_exits_2_without_enough_gpus(monkeypatch, capsys):
     benchlib.require_gpus(argparse.Namespace(quick=True), "two_gpu_bench", 2)  # --quick runs on the CPU
 
 
-GPU_BENCHES = ["attention.py", "fused_logprob.py", "determinism.py", "weight_sync.py", "rollout_engine.py"]
+GPU_BENCHES = ["attention.py", "fused_logprob.py", "determinism.py", "weight_sync.py", "rollout_engine.py",
+               "colocation.py"]
 _REFUSALS = """
 import contextlib, io, json, runpy, sys
 sys.path.insert(0, sys.argv[1])
@@ -90,3 +91,14 @@ def test_a_user_run_leaves_the_shipped_results_alone(tmp_path):
     assert json.loads(lines[-1]) == json.loads(written.read_text())  # the last line is the JSON result
     assert lines[0].startswith("repeat_detection:") and any("written to" in line for line in lines[:-1])
     assert shipped.read_bytes() == before
+
+
+def test_colocation_quick_moves_are_exact(tmp_path):
+    """bench/colocation.py --quick (the host path, CPU standing in for the device): every round trip it times
+    returns the same bits, and its JSON is the last line."""
+    proc = _run("colocation.py", "--quick", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["quick"] and result["device"] == "cpu"
+    assert result["trainer_bf16_adamw"]["bit_identical"] and result["trainer_fp32_master_weights"]["bit_identical"]
+    assert result["engine"]["bit_identical_after_level1"]
