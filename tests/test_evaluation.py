@@ -1,7 +1,9 @@
 """Held-out evaluation metrics (k15sys.train.evaluation) on scripted completions."""
+import pytest
+
 from k15sys.rollout.types import Completion
 from k15sys.tasks import ArithmeticTask, CharTokenizer, direct_answer, make_splits, solution
-from k15sys.train.evaluation import evaluate
+from k15sys.train.evaluation import evaluate, score
 
 
 class ScriptedEngine:
@@ -32,3 +34,18 @@ def test_evaluate_counts_direct_answers_and_accuracy():
     assert row["eval/direct_share"] == 0.4
     lengths = [len(tok.encode(t, eos=True)) for t in texts]
     assert abs(row["eval/response_len"] - sum(lengths) / len(lengths)) < 1e-12
+
+
+def test_score_verifies_only_uncut_responses():
+    """The one scoring rule of the trainer, evaluation and long2short: a response cut at the length limit gets
+    ``truncated_reward`` unverified (even when its text holds the right answer); the others the task's reward."""
+    tok = CharTokenizer()
+    splits = make_splits(seed=5, num_train=4, num_eval=3, min_ops=2, max_ops=3, max_operand=9)
+    task, problems = ArithmeticTask(splits, tok), splits.eval
+    right = [tok.encode(solution(p), eos=True) for p in problems]
+    assert score(task, problems, right, [False, False, False]) == [1.0, 1.0, 1.0]
+    assert score(task, problems, right, [False, True, False], truncated_reward=-0.5) == [1.0, -0.5, 1.0]
+    wrong = tok.encode("\\boxed{999}", eos=True)
+    assert score(task, problems, [right[0], wrong, right[2]], [True, False, False]) == [0.0, 0.0, 1.0]
+    with pytest.raises(ValueError, match="responses"):
+        score(task, problems, right, [False, False])

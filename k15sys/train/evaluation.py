@@ -27,16 +27,23 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - comb(n - c, k) / comb(n, k)
 
 
-def score(task: Task, problems: Sequence[Item], completions: Sequence[Any], *, truncated_reward: float = 0.0) -> list[float]:
-    """The task's reward of each completion (``completions[i]`` answers ``problems[i]``), one batch; a response cut
-    at the length limit scores ``truncated_reward`` without being verified."""
-    if len(problems) != len(completions):
-        raise ValueError(f"completions: {len(completions)} for {len(problems)} problems")
+def score(task: Task, problems: Sequence[Item], responses: Sequence[Sequence[int]], cut: Sequence[bool], *,
+          truncated_reward: float = 0.0) -> list[float]:
+    """The task's reward of each response (``responses[i]`` answers ``problems[i]``), one batch (paper 2.3.5); a
+    response cut at the length limit (``cut[i]``) scores ``truncated_reward`` without being verified. The trainer's
+    rewards, evaluation and long2short all score through here."""
+    if not len(problems) == len(responses) == len(cut):
+        raise ValueError(f"responses: {len(responses)} responses and {len(cut)} cut flags for {len(problems)} problems")
     out = [truncated_reward] * len(problems)
-    scored = [i for i, c in enumerate(completions) if c.finish_reason != "length"]
-    for i, r in zip(scored, task.reward([problems[i] for i in scored], [completions[i].token_ids for i in scored])):
+    scored = [i for i, c in enumerate(cut) if not c]
+    for i, r in zip(scored, task.reward([problems[i] for i in scored], [responses[i] for i in scored])):
         out[i] = r
     return out
+
+
+def score_completions(task: Task, problems: Sequence[Item], completions: Sequence[Any]) -> list[float]:
+    """:func:`score` of engine completions (``token_ids``, ``finish_reason``)."""
+    return score(task, problems, [c.token_ids for c in completions], [c.finish_reason == "length" for c in completions])
 
 
 def evaluate(
@@ -62,7 +69,7 @@ def evaluate(
     for i in range(0, len(problems), batch_size):
         chunk = problems[i : i + batch_size]
         comps = engine.generate([task.prompt_ids(p) for p in chunk], greedy)
-        correct += [float(r >= 1.0) for r in score(task, chunk, comps)]
+        correct += [float(r >= 1.0) for r in score_completions(task, chunk, comps)]
         lengths += [len(c.token_ids) for c in comps]
         responses += [c.token_ids for c in comps]
     row: dict[str, float] = {
@@ -79,7 +86,8 @@ def evaluate(
         reps = [p for p in problems for _ in range(num_samples)]
         rewards: list[float] = []
         for i in range(0, len(prompts), batch_size):
-            rewards += score(task, reps[i : i + batch_size], engine.generate(prompts[i : i + batch_size], sampled))
+            comps = engine.generate(prompts[i : i + batch_size], sampled)
+            rewards += score_completions(task, reps[i : i + batch_size], comps)
         per = [[float(r >= 1.0) for r in rewards[j * num_samples : (j + 1) * num_samples]] for j in range(len(problems))]
         row[f"eval/pass@{num_samples}"] = sum(pass_at_k(num_samples, int(sum(r)), num_samples) for r in per) / len(per)
         row["eval/sampled_acc"] = sum(rewards) / len(rewards)

@@ -26,7 +26,7 @@ from k15sys.algo.long2short import build_dpo_pairs, dpo_loss, merge_state_dicts,
 from k15sys.rollout import SamplingParams
 from k15sys.train import distributed as dist_utils
 from k15sys.train.config import Config, ConfigError
-from k15sys.train.evaluation import evaluate, score
+from k15sys.train.evaluation import evaluate, score_completions
 from k15sys.train.model import export_model
 from k15sys.train.optim import build_optimizer
 from k15sys.train.packing import pack
@@ -58,7 +58,7 @@ def _samples(tr: Trainer) -> list[tuple[list[int], list[list[int]], list[bool]]]
                             stop_token_ids=tr.tokenizer.stop_token_ids, seed=tr.cfg.run.seed + 17)
     prompts = [tr.task.prompt_ids(p) for p in problems for _ in range(c.num_samples)]
     comps = tr.engine.generate(prompts, params)
-    ok = score(tr.task, [p for p in problems for _ in range(c.num_samples)], comps)
+    ok = score_completions(tr.task, [p for p in problems for _ in range(c.num_samples)], comps)
     n = c.num_samples
     return [(prompts[i * n], [comps[j].token_ids for j in range(i * n, (i + 1) * n)], [r >= 1.0 for r in ok[i * n : (i + 1) * n]])
             for i in range(len(problems))]

@@ -45,7 +45,7 @@ from k15sys.train import distributed as dist_utils
 from k15sys.train.checkpoint import (CheckpointError, latest_checkpoint, load_checkpoint, rng_state, save_checkpoint,
                                      set_rng_state)
 from k15sys.train.config import Config, RLConfig, check_config, to_dict
-from k15sys.train.evaluation import evaluate
+from k15sys.train.evaluation import evaluate, score
 from k15sys.train.hybrid import TrainerOffload
 from k15sys.train.metrics import MetricsLog
 from k15sys.train.model import build_lm, build_tokenizer, check_context_length
@@ -395,12 +395,9 @@ class Trainer:
         if not trajs:
             return torch.zeros(0), torch.zeros(0), {"truncated": 0.0, "repeat": 0.0}
         problems = [self.task.train[g.prompt_index] for g in groups for _ in g.trajectories]
-        scored = [i for i, t in enumerate(trajs) if t.finish_reason != "length"]  # a cut response is not verified
-        correct = torch.zeros(len(trajs))
-        if scored:
-            correct[scored] = torch.tensor(self.task.reward([problems[i] for i in scored],
-                                                            [trajs[i].response_ids for i in scored]))
-        truncated = torch.tensor([t.finish_reason == "length" for t in trajs])
+        cut = [t.finish_reason == "length" for t in trajs]  # a cut response is not verified: correctness 0
+        correct = torch.tensor(score(self.task, problems, [t.response_ids for t in trajs], cut), dtype=torch.float32)
+        truncated = torch.tensor(cut)
         repeated = torch.tensor([t.finish_reason == "repeat" for t in trajs])
         rewards = torch.where(truncated, torch.full_like(correct, cfg.truncated_reward), correct)
         rewards = penalize_repeats(rewards, repeated, penalty=cfg.repeat_penalty)
