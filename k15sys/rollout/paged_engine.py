@@ -41,7 +41,7 @@ from k15sys.algo.repeat import RepeatDetector
 from k15sys.ops import varlen_attention
 from k15sys.rollout.paged_attention import default_splits, paged_decode_attention
 from k15sys.rollout.paged_sampling import row_seed, sample_filtered, sample_tokens
-from k15sys.rollout.torch_engine import TorchEngine
+from k15sys.rollout.torch_engine import TorchEngine, copy_by_name
 from k15sys.rollout.types import Completion, SamplingParams
 from k15sys.weights.pinned import HostMirror
 
@@ -434,7 +434,8 @@ class PagedEngine:
         """Copy new values into the model's tensors by HF name, in place (all-or-nothing; the captured CUDA
         graphs keep reading the same storage)."""
         with self._lock:
-            TorchEngine.update_weights(self, named_tensors)
+            copy_by_name(self.model, named_tensors)
+            self.weight_version += 1
 
     # ------------------------------------------------------------------ generation
     def _check(self, prompts: list[list[int]], params: SamplingParams) -> None:

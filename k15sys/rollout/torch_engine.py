@@ -34,6 +34,24 @@ def _filtered_logprobs(logits: torch.Tensor, params: SamplingParams) -> torch.Te
     return torch.log_softmax(z, dim=-1)
 
 
+@torch.no_grad()
+def copy_by_name(model: torch.nn.Module, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+    """Copy ``named_tensors`` into ``model``'s parameters/buffers of those names, in place (each converted to the
+    destination's device and dtype). Every name and shape is checked before anything is written: a bad update
+    changes nothing (paper 2.6.3: an engine serves one complete weight version at a time)."""
+    own = dict(model.named_parameters())
+    own.update(dict(model.named_buffers()))
+    staged = []
+    for name, t in named_tensors:
+        if name not in own:
+            raise ValueError(f"update_weights: unknown tensor {name!r}")
+        if own[name].shape != t.shape:
+            raise ValueError(f"update_weights: {name} has shape {tuple(t.shape)}, expected {tuple(own[name].shape)}")
+        staged.append((own[name], t))
+    for dst, src in staged:
+        dst.copy_(src.to(device=dst.device, dtype=dst.dtype))
+
+
 class TorchEngine:
     """Rollout engine over a transformers causal LM (the default engine of paper 2.6.2's rollouts).
 
@@ -141,20 +159,9 @@ class TorchEngine:
         return [Completion(tokens[i], logps[i], reasons[i] or "length") for i in range(B)]
 
     # ------------------------------------------------------------------ weights and memory
-    @torch.no_grad()
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy new values into the model's parameters/buffers by name (all-or-nothing)."""
-        own = dict(self.model.named_parameters())
-        own.update(dict(self.model.named_buffers()))
-        staged = []
-        for name, t in named_tensors:
-            if name not in own:
-                raise ValueError(f"update_weights: unknown tensor {name!r}")
-            if own[name].shape != t.shape:
-                raise ValueError(f"update_weights: {name} has shape {tuple(t.shape)}, expected {tuple(own[name].shape)}")
-            staged.append((own[name], t))
-        for dst, src in staged:  # validated first: nothing is half-applied on a bad update
-            dst.copy_(src.to(device=dst.device, dtype=dst.dtype))
+        copy_by_name(self.model, named_tensors)
         self.weight_version += 1
 
     def sleep(self) -> None:
