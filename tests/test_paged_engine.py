@@ -204,22 +204,29 @@ def _naive_paged(q, kc, vc, bt, lens, scale):
     return out
 
 
+def _paged_case(seed: int, lens: list[int], d: int, pages: int = 48, page: int = 8, hkv: int = 2, hq: int = 6):
+    """A random paged cache (k, v), block tables over shuffled pages (page 0 unused), the lengths and one query per
+    sequence; the generator is returned for further draws."""
+    g = torch.Generator().manual_seed(seed)
+    kc, vc = torch.randn(pages, page, hkv, d, generator=g), torch.randn(pages, page, hkv, d, generator=g)
+    seq_lens = torch.tensor(lens, dtype=torch.int32)
+    bt = torch.zeros(len(lens), 16, dtype=torch.int32)
+    perm, k = torch.randperm(pages - 1, generator=g) + 1, 0
+    for b, n in enumerate(lens):
+        m = -(-n // page)
+        bt[b, :m], k = perm[k: k + m], k + m
+    q = torch.randn(len(lens), hq, d, generator=g)
+    return g, kc, vc, bt, seq_lens, q
+
+
 @pytest.mark.parametrize("d", [32, 24])
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_paged_decode_attention_matches_float64(backend, d):
     if backend == "triton" and not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("triton needs CUDA or TRITON_INTERPRET=1")
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    g = torch.Generator().manual_seed(0)
-    pages, page, hkv, hq = 48, 8, 2, 6
-    kc, vc = torch.randn(pages, page, hkv, d, generator=g), torch.randn(pages, page, hkv, d, generator=g)
-    lens = torch.tensor([1, 7, 8, 9, 33, 101], dtype=torch.int32)  # awkward: inside, at and across page ends
-    bt = torch.zeros(len(lens), 16, dtype=torch.int32)
-    perm, k = torch.randperm(pages - 1, generator=g) + 1, 0
-    for b, n in enumerate(lens.tolist()):
-        m = -(-n // page)
-        bt[b, :m], k = perm[k: k + m], k + m
-    q = torch.randn(len(lens), hq, d, generator=g)
+    # lengths inside, at and across page ends
+    _, kc, vc, bt, lens, q = _paged_case(0, [1, 7, 8, 9, 33, 101], d)
     ref = _naive_paged(q, kc, vc, bt, lens, d ** -0.5)
     for splits in (1, 4):
         out = paged_decode_attention(q.to(dev), kc.to(dev), vc.to(dev), bt.to(dev), lens.to(dev), splits=splits,
@@ -237,16 +244,8 @@ def test_paged_decode_attention_files_and_rotates_the_newest_token(backend, d):
     if backend == "triton" and not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("triton needs CUDA or TRITON_INTERPRET=1")
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    g = torch.Generator().manual_seed(1)
-    pages, page, hkv, hq = 48, 8, 2, 6
-    kc, vc = torch.randn(pages, page, hkv, d, generator=g), torch.randn(pages, page, hkv, d, generator=g)
-    lens = torch.tensor([1, 8, 9, 33, 101], dtype=torch.int32)
-    bt = torch.zeros(len(lens), 16, dtype=torch.int32)
-    perm, k = torch.randperm(pages - 1, generator=g) + 1, 0
-    for b, n in enumerate(lens.tolist()):
-        m = -(-n // page)
-        bt[b, :m], k = perm[k: k + m], k + m
-    q = torch.randn(len(lens), hq, d, generator=g)
+    g, kc, vc, bt, lens, q = _paged_case(1, [1, 8, 9, 33, 101], d)
+    page, hkv = kc.shape[1], kc.shape[2]
     k_new, v_new = torch.randn(len(lens), hkv, d, generator=g), torch.randn(len(lens), hkv, d, generator=g)
     angle = torch.arange(128, dtype=torch.float64)[:, None] * 0.1 ** torch.arange(d // 2, dtype=torch.float64)
     cos, sin = torch.cat([angle.cos()] * 2, 1), torch.cat([angle.sin()] * 2, 1)
