@@ -33,6 +33,8 @@ import torch
 
 from rl_iteration import QWEN25_15B, TINY
 
+from k15sys.train.scratch_model import scratch_lm
+
 
 def _sync() -> None:
     if torch.cuda.is_available():
@@ -48,17 +50,8 @@ def timed(fn: Callable[[], Any]) -> float:
 
 
 def build(quick: bool, device: torch.device) -> torch.nn.Module:
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    s = TINY if quick else QWEN25_15B
-    cfg = Qwen2Config(vocab_size=s.get("vocab_size", 1000), hidden_size=s["hidden_size"],
-                      intermediate_size=s["intermediate_size"], num_hidden_layers=s["num_layers"],
-                      num_attention_heads=s["num_heads"], num_key_value_heads=s["num_kv_heads"],
-                      max_position_embeddings=s.get("max_position_embeddings", 2048),
-                      rope_theta=s.get("rope_theta", 1e4), tie_word_embeddings=True)
-    with torch.device(device):
-        torch.manual_seed(0)
-        return Qwen2ForCausalLM(cfg).to(torch.bfloat16)
+    shape = {"vocab_size": 1000, **(TINY if quick else QWEN25_15B)}
+    return scratch_lm(arch="qwen2", dtype=torch.bfloat16, device=str(device), **shape)
 
 
 def _state_tensors(opt: Any) -> list[tuple[dict, str]]:

@@ -40,31 +40,36 @@ def train_tokenizer(texts: Iterable[str], *, vocab_size: int = 1000) -> Any:
                                    additional_special_tokens=[IM_START], chat_template=CHAT_TEMPLATE)
 
 
-def save_scratch_model(out_dir: str | Path, tokenizer: Any, *, arch: str = "qwen2", hidden_size: int = 64,
-                       intermediate_size: int = 128, num_layers: int = 2, num_heads: int = 4, num_kv_heads: int = 2,
-                       vocab_size: int | None = None, max_position_embeddings: int = 2048, seed: int = 0,
-                       dtype: torch.dtype = torch.float32, device: str = "cpu", **config_kwargs: Any) -> Path:
-    """Save a randomly initialised ``arch`` ("qwen2": tied embeddings, as the small Qwen2.5 models; "llama": untied)
-    causal LM and ``tokenizer`` into ``out_dir``. ``vocab_size`` (default: the tokenizer's size) may exceed the
-    tokenizer, as Qwen's 151,936-row embedding does; the model's EOS / pad ids are the tokenizer's.
-    ``config_kwargs`` go to the transformers config (e.g. ``rope_theta``); ``device`` is where the weights are
-    initialised (a GPU initialises billion-parameter models in seconds)."""
+def scratch_lm(*, arch: str = "qwen2", vocab_size: int, hidden_size: int = 64, intermediate_size: int = 128,
+               num_layers: int = 2, num_heads: int = 4, num_kv_heads: int = 2, max_position_embeddings: int = 2048,
+               seed: int = 0, dtype: torch.dtype = torch.float32, device: str = "cpu", **config_kwargs: Any) -> Any:
+    """A randomly initialised ``arch`` causal LM ("qwen2": tied embeddings, as the small Qwen2.5 models; "llama":
+    untied) of the given shape, seeded with ``seed`` without touching the caller's RNG, initialised on ``device``
+    (a GPU initialises billion-parameter models in seconds). ``config_kwargs`` go to the transformers config."""
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     if arch not in ("qwen2", "llama"):
         raise ValueError(f"arch: expected 'qwen2' or 'llama', got {arch!r}")
-    vocab = vocab_size or len(tokenizer)
-    if vocab < len(tokenizer):
-        raise ValueError(f"vocab_size: {vocab} is smaller than the tokenizer ({len(tokenizer)} tokens)")
     config_cls, model_cls = (Qwen2Config, Qwen2ForCausalLM) if arch == "qwen2" else (LlamaConfig, LlamaForCausalLM)
-    config = config_cls(vocab_size=vocab, hidden_size=hidden_size, intermediate_size=intermediate_size,
+    config = config_cls(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
                         num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
                         max_position_embeddings=max_position_embeddings, tie_word_embeddings=arch == "qwen2",
-                        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None,
                         **config_kwargs)
     with torch.random.fork_rng(devices=[]), torch.device(device):
         torch.manual_seed(seed)
-        model = model_cls(config).to(dtype)
+        return model_cls(config).to(dtype)
+
+
+def save_scratch_model(out_dir: str | Path, tokenizer: Any, *, arch: str = "qwen2", vocab_size: int | None = None,
+                       **shape: Any) -> Path:
+    """Save :func:`scratch_lm` (``shape``: its keyword arguments) and ``tokenizer`` into ``out_dir``.
+    ``vocab_size`` (default: the tokenizer's size) may exceed the tokenizer, as Qwen's 151,936-row embedding does;
+    the model's EOS / pad ids are the tokenizer's."""
+    vocab = vocab_size or len(tokenizer)
+    if vocab < len(tokenizer):
+        raise ValueError(f"vocab_size: {vocab} is smaller than the tokenizer ({len(tokenizer)} tokens)")
+    model = scratch_lm(arch=arch, vocab_size=vocab, eos_token_id=tokenizer.eos_token_id,
+                       pad_token_id=tokenizer.pad_token_id, bos_token_id=None, **shape)
     out = Path(out_dir)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
