@@ -21,7 +21,8 @@ step) reuses the buffers when it fits them; :meth:`HostMirror.reserve` sizes the
 """
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import math
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -53,13 +54,6 @@ def host_buffer(numel: int, dtype: torch.dtype, *, pinned: bool) -> torch.Tensor
     return torch.from_numpy(raw).view(dtype)
 
 
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
-
-
 def _offsets(layout: Layout) -> tuple[list[int], dict[torch.dtype, int]]:
     """Start of each tensor of ``layout`` in its dtype's buffer, and each buffer's length (elements)."""
     offsets, sizes = [], {}
@@ -67,7 +61,7 @@ def _offsets(layout: Layout) -> tuple[list[int], dict[torch.dtype, int]]:
         align = max(1, _ALIGN_BYTES // dtype.itemsize)
         start = -(-sizes.get(dtype, 0) // align) * align
         offsets.append(start)
-        sizes[dtype] = start + _numel(shape)
+        sizes[dtype] = start + math.prod(shape)
     return offsets, sizes
 
 
@@ -101,7 +95,7 @@ class HostMirror:
     @property
     def layout_bytes(self) -> int:
         """Bytes of the tensors of the current layout: what each move copies."""
-        return sum(_numel(shape) * dtype.itemsize for dtype, shape in self._layout or ())
+        return sum(math.prod(shape) * dtype.itemsize for dtype, shape in self._layout or ())
 
     @property
     def offloaded(self) -> bool:
@@ -175,6 +169,6 @@ class HostMirror:
                 self._buffers.pop(dtype, None)  # released before the new one is locked
                 self._buffers[dtype] = host_buffer(max(need, self._reserved.get(dtype, 0)), dtype, pinned=self._cuda)
                 self.allocations += 1
-        self._views = [self._buffers[dtype][start: start + _numel(shape)].view(shape)
+        self._views = [self._buffers[dtype][start: start + math.prod(shape)].view(shape)
                        for (dtype, shape), start in zip(layout, offsets)]
         self._layout = layout
